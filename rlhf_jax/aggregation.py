@@ -1,0 +1,84 @@
+"""Reduction of masked per-token losses to a scalar, in one place.
+
+Each mode is a registered function `(per_token [B, T], mask [B, T]) -> (sum, denominator)`.
+The loss is sum / denominator. Keeping the two apart is what makes micro-batching, gradient
+accumulation and sharding exact: summing the parts of micro-batches and dividing once gives
+the whole-batch number, whereas averaging micro-batch means does not (the token-mean of a
+batch is not the mean of its halves' token-means when they hold different numbers of tokens).
+A trainer that accumulates gradients computes the whole batch's denominator once
+(`denominator`) and passes it to the loss as `normalizer`, so every micro-batch loss is its
+share of the whole-batch loss.
+
+Modes (see docs/implementation_details.md, "Loss aggregation"):
+  token_mean               sum over all valid tokens / number of valid tokens.
+  seq_mean_token_mean      mean over sequences of each sequence's token mean (GRPO, Shao et
+                           al. 2024, eq. 3); sequences with no valid token are not counted.
+  seq_mean_token_sum_norm  mean over sequences of each sequence's token sum divided by a
+                           constant `norm` (Dr. GRPO, Liu et al. 2025, sec. 3.1); `norm`
+                           defaults to T, the padded length.
+"""
+
+import jax.numpy as jnp
+
+from rlhf_jax import registry
+
+
+def _f32(x):
+    return jnp.asarray(x, jnp.float32)
+
+
+@registry.register("loss_agg")
+def token_mean(per_token, mask):
+    """(sum over valid tokens, number of valid tokens). Shapes: [B, T] -> scalars."""
+    x, m = _f32(per_token), _f32(mask)
+    return jnp.sum(x * m), jnp.sum(m)
+
+
+@registry.register("loss_agg")
+def seq_mean_token_mean(per_token, mask):
+    """(sum over sequences of their token means, number of non-empty sequences). [B, T]."""
+    x, m = _f32(per_token), _f32(mask)
+    tokens = jnp.sum(m, axis=-1)
+    seq_means = jnp.sum(x * m, axis=-1) / jnp.maximum(tokens, 1.0)
+    return jnp.sum(seq_means), jnp.sum(tokens > 0).astype(jnp.float32)
+
+
+@registry.register("loss_agg")
+def seq_mean_token_sum_norm(per_token, mask, norm=None):
+    """(sum over valid tokens / norm, number of sequences). [B, T]; norm defaults to T.
+
+    Dr. GRPO's constant normaliser: every token weighs the same whatever the length of its
+    sequence, removing the length bias of per-sequence means (Liu et al. 2025).
+    """
+    x, m = _f32(per_token), _f32(mask)
+    norm = x.shape[-1] if norm is None else norm
+    return jnp.sum(x * m) / norm, jnp.asarray(x.shape[0], jnp.float32)
+
+
+def parts(per_token, mask, mode="token_mean"):
+    """(sum, denominator) of `per_token` under `mask` for a registered mode (name or spec)."""
+    return registry.get("loss_agg", mode)(per_token, mask)
+
+
+def denominator(mask, mode="token_mean"):
+    """The denominator of `mode` for a whole batch, to pass as `normalizer` to micro-batches."""
+    return parts(jnp.zeros(jnp.shape(mask), jnp.float32), mask, mode)[1]
+
+
+def aggregate(per_token, mask, mode="token_mean", *, normalizer=None):
+    """Masked per-token values [B, T] -> scalar, float32.
+
+    `mode` is a registered `loss_agg` name or spec ("seq_mean_token_sum_norm(norm=512)").
+    `normalizer`, when given, replaces this batch's denominator: pass the whole batch's
+    `denominator(...)` when this is one micro-batch of it. An empty denominator gives 0, not NaN.
+    """
+    total, denom = parts(per_token, mask, mode)
+    if normalizer is not None:
+        denom = _f32(normalizer)
+    return jnp.where(denom > 0, total / jnp.where(denom > 0, denom, 1.0), 0.0)
+
+
+def masked_mean(x, mask):
+    """Mean of x over mask (any shape); 0 when the mask is empty. For metrics."""
+    total, count = token_mean(x, mask)
+    return jnp.where(count > 0, total / jnp.maximum(count, 1.0), 0.0)

@@ -1,0 +1,166 @@
+"""Names -> functions: the one list of valid loss, estimator and controller names.
+
+An ablation is a config string. `get(kind, "ipo(tau=0.05)")` finds the function registered as
+"ipo" under the kind "pref_loss" and returns it with `tau=0.05` bound (a `functools.partial`).
+Only keyword arguments with literal values (numbers, strings, booleans, None, tuples) may be
+bound, and only ones the function accepts; anything else fails at config load with the list of
+what is registered or accepted.
+
+Kinds and the calling convention of their functions:
+
+  reward_loss   (*, chosen_rewards, rejected_rewards, ...) or (*, rewards) -> (loss, metrics)
+  pref_loss     (*, policy_chosen_logps, policy_rejected_logps, [ref_*_logps], [*_lengths], ...)
+                -> (loss, metrics)
+  policy_loss   (*, logps, advantages, mask, [old_logps], ...) -> (loss, metrics)
+  advantage     (*, rewards, mask, [values], [group_size], ...) -> (advantages, returns)  [B, T]
+  kl_estimator  (*, logps, ref_logps) -> per-token estimate
+  kl_controller (state, *, kl, n_steps, ...) -> state
+  loss_agg      (per_token, mask) -> (sum, denominator)
+
+Within a kind the functions take different subsets of the inputs a trainer has (SimPO needs no
+reference log-probs, GAE needs values, GRPO a group size). `call(fn, **available)` passes each
+function exactly the inputs it declares, and `accepts(fn, name)` lets a trainer skip computing
+an input nobody asks for (e.g. the reference forward pass for a reference-free loss).
+"""
+
+import ast
+import functools
+import importlib
+import inspect
+from typing import Any, Callable
+
+KINDS = ("reward_loss", "pref_loss", "policy_loss", "advantage", "kl_estimator",
+         "kl_controller", "loss_agg")
+
+# Modules whose import registers functions; loaded on the first lookup so that the registry
+# itself imports nothing and can be imported from any of them.
+_PROVIDERS = ("rlhf_jax.aggregation", "rlhf_jax.kl", "rlhf_jax.losses", "rlhf_jax.advantages")
+
+_REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+
+
+def register(kind: str, name: str | None = None, fn: Callable | None = None):
+    """Registers `fn` under `kind` as `name` (default: its __name__). Usable as a decorator.
+
+    A name may be registered once per kind; registering it again is an error, so two modules
+    can never silently disagree about what a config string means.
+    """
+    _check_kind(kind)
+
+    def _add(f):
+        key = name or f.__name__
+        if key in _REGISTRY[kind] and _REGISTRY[kind][key] is not f:
+            raise ValueError(f"{kind} {key!r} is already registered")
+        _REGISTRY[kind][key] = f
+        return f
+
+    return _add(fn) if fn is not None else _add
+
+
+def names(kind: str) -> list[str]:
+    """The registered names of `kind`, sorted."""
+    _check_kind(kind)
+    _load_providers()
+    return sorted(_REGISTRY[kind])
+
+
+def parse(spec: str) -> tuple[str, dict[str, Any]]:
+    """Splits "name(arg=value, ...)" into ("name", {"arg": value, ...})."""
+    if not isinstance(spec, str) or not spec.strip():
+        raise ValueError(f"expected a name or 'name(arg=value, ...)', got {spec!r}")
+    try:
+        node = ast.parse(spec.strip(), mode="eval").body
+    except SyntaxError as e:
+        raise ValueError(f"cannot parse {spec!r}: write a name or 'name(arg=value, ...)'") from e
+    if isinstance(node, ast.Name):
+        return node.id, {}
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
+        raise ValueError(f"cannot parse {spec!r}: write a name or 'name(arg=value, ...)'")
+    if node.args:
+        raise ValueError(f"{spec!r}: arguments must be given by keyword, e.g. 'ipo(tau=0.05)'")
+    kwargs = {}
+    for kw in node.keywords:
+        if kw.arg is None:
+            raise ValueError(f"{spec!r}: '**' is not allowed; name each argument")
+        try:
+            kwargs[kw.arg] = ast.literal_eval(kw.value)
+        except ValueError as e:
+            raise ValueError(f"{spec!r}: the value of {kw.arg!r} must be a literal "
+                             "(number, string, bool, None or tuple)") from e
+    return node.func.id, kwargs
+
+
+def get(kind: str, spec: str | Callable) -> Callable:
+    """Returns the function registered under `kind` for `spec`, with its arguments bound.
+
+    `spec` is "name" or "name(arg=value, ...)"; a callable is returned unchanged, so code that
+    takes a loss can be handed either a config string or a function.
+    """
+    if callable(spec):
+        return spec
+    _check_kind(kind)
+    _load_providers()
+    name, kwargs = parse(spec)
+    table = _REGISTRY[kind]
+    if name not in table:
+        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))}")
+    fn = table[name]
+    bindable = _bindable_params(fn)
+    unknown = sorted(set(kwargs) - set(bindable))
+    if unknown:
+        raise ValueError(f"{kind} {name!r} has no argument {', '.join(map(repr, unknown))}; "
+                         f"it accepts: {', '.join(bindable) or '(none)'}")
+    return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def validate(kind: str, spec: str | Callable) -> None:
+    """Raises the same error `get` would; for checking configs at load time."""
+    get(kind, spec)
+
+
+def accepts(fn: Callable, name: str) -> bool:
+    """Whether `fn` (or the function under a partial) takes a keyword argument `name`."""
+    params = inspect.signature(fn).parameters
+    return name in params or any(p.kind is p.VAR_KEYWORD for p in params.values())
+
+
+def call(fn: Callable, **available):
+    """Calls `fn` with the subset of `available` it declares as parameters.
+
+    Arguments already bound by a partial win over `available`, so a config string such as
+    "grpo(group_size=8)" is not overridden by what the trainer passes. A required parameter
+    missing from `available` raises a TypeError naming it.
+    """
+    params = inspect.signature(fn).parameters
+    bound = fn.keywords if isinstance(fn, functools.partial) else {}
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        chosen = {k: v for k, v in available.items() if k not in bound}
+    else:
+        chosen = {k: v for k, v in available.items() if k in params and k not in bound}
+    missing = [n for n, p in params.items()
+               if p.default is p.empty and p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)
+               and n not in chosen and n not in bound]
+    if missing:
+        raise TypeError(f"{_name(fn)} needs {', '.join(missing)}, which the caller did not "
+                        f"provide (it provided: {', '.join(sorted(available))})")
+    return fn(**chosen)
+
+
+def _bindable_params(fn: Callable) -> list[str]:
+    return [n for n, p in inspect.signature(fn).parameters.items()
+            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
+
+
+def _name(fn: Callable) -> str:
+    return getattr(getattr(fn, "func", fn), "__name__", repr(fn))
+
+
+def _check_kind(kind: str) -> None:
+    if kind not in _REGISTRY:
+        raise ValueError(f"unknown registry kind {kind!r}; kinds: {', '.join(KINDS)}")
+
+
+@functools.cache
+def _load_providers() -> None:
+    for module in _PROVIDERS:
+        importlib.import_module(module)

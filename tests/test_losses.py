@@ -1,0 +1,312 @@
+"""Golden values, gradients and properties of the losses in rlhf_jax.losses."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from hypothesis import given, settings, strategies as st
+
+from rlhf_jax import losses
+
+
+def _sigmoid(x):
+    return 1.0 / (1.0 + math.exp(-x))
+
+
+# --- Bradley–Terry ------------------------------------------------------------------------------
+
+def test_bradley_terry_seed_worked_example():
+    # Concept card, practice "easy": r(preferred)=1.0, r(other)=1.5 -> P=0.3775, loss 0.9741.
+    rc, rr = jnp.array([1.0]), jnp.array([1.5])
+    loss, metrics = losses.bradley_terry(chosen_rewards=rc, rejected_rewards=rr)
+    assert _sigmoid(-0.5) == pytest.approx(0.3775, abs=5e-5)
+    assert float(loss) == pytest.approx(0.9741, abs=5e-5)
+    assert float(jnp.exp(-loss)) == pytest.approx(0.3775, abs=5e-5)
+    assert float(metrics["rm/accuracy"]) == 0.0
+    assert float(metrics["rm/margin"]) == pytest.approx(-0.5)
+
+
+def test_bradley_terry_gradient_is_sigmoid_delta_minus_one():
+    rc, rr = jnp.array([1.0, 3.0, -2.0]), jnp.array([1.5, 0.0, -2.0])
+    grad_c, grad_r = jax.grad(
+        lambda a, b: losses.bradley_terry(chosen_rewards=a, rejected_rewards=b)[0],
+        argnums=(0, 1))(rc, rr)
+    delta = np.asarray(rc - rr)
+    expected = (1.0 / (1.0 + np.exp(-delta)) - 1.0) / 3.0  # mean over 3 pairs
+    np.testing.assert_allclose(grad_c, expected, rtol=1e-6)
+    np.testing.assert_allclose(grad_r, -expected, rtol=1e-6)
+    assert grad_c[0] < 0 < grad_r[0]  # push r+ up, r- down
+
+
+def test_bradley_terry_margin_and_centering():
+    rc, rr, m = jnp.array([2.0, 0.5]), jnp.array([1.0, 1.0]), jnp.array([0.5, 1.0])
+    loss, _ = losses.bradley_terry(chosen_rewards=rc, rejected_rewards=rr, margin=m,
+                                   center_coef=0.01)
+    delta = np.array([1.0, -0.5]) - np.array([0.5, 1.0])
+    expected = np.mean(np.log1p(np.exp(-delta))) + 0.01 * np.mean((np.array([3.0, 1.5])) ** 2)
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+
+
+@settings(deadline=None, max_examples=25)
+@given(st.lists(st.floats(-20, 20), min_size=2, max_size=8), st.floats(-1e3, 1e3))
+def test_bradley_terry_shift_invariance(values, shift):
+    half = len(values) // 2
+    rc, rr = jnp.array(values[:half]), jnp.array(values[half:2 * half])
+    base, _ = losses.bradley_terry(chosen_rewards=rc, rejected_rewards=rr)
+    shifted, _ = losses.bradley_terry(chosen_rewards=rc + shift, rejected_rewards=rr + shift)
+    # Adding c to every reward changes no preference probability (up to float32 rounding of
+    # the shifted rewards themselves).
+    assert float(shifted) == pytest.approx(float(base), abs=1e-4 * (1 + abs(shift)))
+
+
+def test_plackett_luce_matches_brute_force_and_reduces_to_bradley_terry():
+    rng = np.random.default_rng(0)
+    r = rng.normal(size=(5, 4)).astype(np.float32)
+    loss, metrics = losses.plackett_luce(rewards=jnp.asarray(r))
+    brute = 0.0
+    for row in r:
+        for k in range(4):
+            brute -= row[k] - np.log(np.sum(np.exp(row[k:])))
+    assert float(loss) == pytest.approx(brute / 5, rel=1e-5)
+    pl2, _ = losses.plackett_luce(rewards=jnp.asarray(r[:, :2]))
+    bt, _ = losses.bradley_terry(chosen_rewards=r[:, 0], rejected_rewards=r[:, 1])
+    assert float(pl2) == pytest.approx(float(bt), rel=1e-6)
+    ordered = jnp.array([[3.0, 2.0, 1.0], [1.0, 2.0, 3.0]])
+    _, m = losses.plackett_luce(rewards=ordered)
+    assert float(m["rm/top1_accuracy"]) == 0.5
+    assert float(m["rm/pairwise_accuracy"]) == 0.5
+
+
+# --- PPO ----------------------------------------------------------------------------------------
+
+def _ppo_token(p_old, p_new, adv, **kw):
+    logps = jnp.log(jnp.array([[p_new]]))
+    old = jnp.log(jnp.array([[p_old]]))
+    return losses.ppo_clip(logps=logps, old_logps=old, advantages=jnp.array([[adv]]),
+                           mask=jnp.ones((1, 1)), **kw)
+
+
+def test_ppo_seed_example_positive_advantage_is_capped_at_4_8():
+    # Concept card, worked example 3: ratio 0.06 / 0.02 = 3, A=+4, eps=0.2 -> 1.2 * 4 = 4.8.
+    loss, metrics = _ppo_token(0.02, 0.06, 4.0, clip_eps=0.2)
+    assert -float(loss) == pytest.approx(4.8, rel=1e-5)
+    assert float(metrics["ppo/clipfrac"]) == 1.0
+    assert float(metrics["ppo/ratio_mean"]) == pytest.approx(3.0, rel=1e-5)
+
+
+def test_ppo_negative_advantage_above_clip_range_is_not_clipped():
+    # Concept card practice "hard" (pi_old=0.10, pi_new=0.13, A=-3). The card answers -3.6 by
+    # taking a max for negative advantages; Schulman et al. 2017, eq. 7, always takes the min,
+    # which gives min(1.3 * -3, 1.2 * -3) = -3.9: the unclipped term, with a live gradient
+    # that keeps pushing the probability of the bad token down.
+    p_old, adv = 0.10, -3.0
+    loss, metrics = _ppo_token(p_old, 0.13, adv, clip_eps=0.2)
+    assert -float(loss) == pytest.approx(-3.9, rel=1e-5)
+    assert float(metrics["ppo/clipfrac"]) == 0.0
+    grad = jax.grad(lambda lp: losses.ppo_clip(
+        logps=lp, old_logps=jnp.log(jnp.array([[p_old]])), advantages=jnp.array([[adv]]),
+        mask=jnp.ones((1, 1)))[0])(jnp.log(jnp.array([[0.13]])))
+    # d loss / d logp = -ratio * A = 3.9 > 0: gradient descent lowers log pi of the bad token.
+    assert float(grad[0, 0]) == pytest.approx(3.9, rel=1e-5)
+
+
+def test_ppo_negative_advantage_below_clip_range_is_clipped_with_zero_gradient():
+    p_old, adv = 0.10, -3.0
+    loss, metrics = _ppo_token(p_old, 0.05, adv, clip_eps=0.2)  # ratio 0.5 < 0.8
+    assert -float(loss) == pytest.approx(0.8 * -3.0, rel=1e-5)
+    assert float(metrics["ppo/clipfrac"]) == 1.0
+    grad = jax.grad(lambda lp: losses.ppo_clip(
+        logps=lp, old_logps=jnp.log(jnp.array([[p_old]])), advantages=jnp.array([[adv]]),
+        mask=jnp.ones((1, 1)))[0])(jnp.log(jnp.array([[0.05]])))
+    assert float(grad[0, 0]) == 0.0
+
+
+def test_ppo_asymmetric_and_dual_clip():
+    loss, _ = _ppo_token(0.1, 0.2, 1.0, clip_eps=0.2, clip_eps_high=0.28)
+    assert -float(loss) == pytest.approx(1.28, rel=1e-5)
+    # ratio 10 with A=-1: the min picks -10; the dual clip floors it at c * A = -3.
+    loss, metrics = _ppo_token(0.01, 0.1, -1.0, dual_clip=3.0)
+    assert -float(loss) == pytest.approx(-3.0, rel=1e-5)
+    assert float(metrics["ppo/dual_clipfrac"]) == 1.0
+    loss, _ = _ppo_token(0.01, 0.1, -1.0)
+    assert -float(loss) == pytest.approx(-10.0, rel=1e-5)
+
+
+def test_ppo_masked_tokens_do_not_count():
+    logps = jnp.log(jnp.array([[0.5, 0.9, 0.1]]))
+    old = jnp.log(jnp.array([[0.5, 0.1, 0.1]]))
+    adv = jnp.array([[2.0, 100.0, 1.0]])
+    mask = jnp.array([[1, 0, 1]])
+    loss, metrics = losses.ppo_clip(logps=logps, old_logps=old, advantages=adv, mask=mask)
+    assert -float(loss) == pytest.approx(1.5, rel=1e-6)
+    assert float(metrics["ppo/ratio_max"]) == pytest.approx(1.0, rel=1e-6)
+
+
+def test_value_loss_clipping():
+    values, old = jnp.array([[1.0, 0.0]]), jnp.array([[0.0, 0.0]])
+    returns = jnp.array([[2.0, 0.5]])
+    loss, metrics = losses.value_loss(values=values, old_values=old, returns=returns,
+                                      mask=jnp.ones((1, 2)), clip_eps=0.2)
+    # token 0: unclipped (1-2)^2 = 1, clipped (0.2-2)^2 = 3.24 -> max 3.24; token 1: 0.25.
+    assert float(loss) == pytest.approx(0.5 * (3.24 + 0.25) / 2, rel=1e-6)
+    assert float(metrics["value/clipfrac"]) == 0.5
+    loss, _ = losses.value_loss(values=values, old_values=old, returns=returns,
+                                mask=jnp.ones((1, 2)), clip_eps=None)
+    assert float(loss) == pytest.approx(0.5 * (1.0 + 0.25) / 2, rel=1e-6)
+
+
+def test_explained_variance():
+    t = jnp.array([[1.0, 2.0, 3.0, 4.0]])
+    m = jnp.ones((1, 4))
+    assert float(losses.explained_variance(predictions=t, targets=t, mask=m)) == 1.0
+    assert float(losses.explained_variance(predictions=jnp.full_like(t, 2.5), targets=t,
+                                           mask=m)) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_reinforce_and_entropy():
+    logps = jnp.array([[-1.0, -2.0]])
+    loss, _ = losses.reinforce(logps=logps, advantages=jnp.array([[2.0, 1.0]]),
+                               mask=jnp.array([[1, 1]]))
+    assert float(loss) == pytest.approx((2.0 + 2.0) / 2)
+    logits = jnp.zeros((1, 2, 4))
+    loss, metrics = losses.entropy(logits=logits, mask=jnp.ones((1, 2)))
+    assert float(metrics["policy/entropy"]) == pytest.approx(math.log(4), rel=1e-6)
+    assert float(loss) == pytest.approx(-math.log(4), rel=1e-6)
+
+
+# --- Direct alignment ---------------------------------------------------------------------------
+
+def _pref_inputs():
+    return dict(policy_chosen_logps=jnp.array([-10.0, -12.0]),
+                policy_rejected_logps=jnp.array([-11.0, -9.0]),
+                ref_chosen_logps=jnp.array([-10.5, -11.0]),
+                ref_rejected_logps=jnp.array([-10.0, -10.0]))
+
+
+def test_dpo_value_and_implicit_rewards():
+    x = _pref_inputs()
+    loss, m = losses.dpo(**x, beta=0.1)
+    chosen = 0.1 * np.array([0.5, -1.0])
+    rejected = 0.1 * np.array([-1.0, 1.0])
+    h = chosen - rejected
+    assert float(loss) == pytest.approx(np.mean(np.log1p(np.exp(-h))), rel=1e-6)
+    assert float(m["dpo/chosen_reward"]) == pytest.approx(chosen.mean(), rel=1e-6)
+    assert float(m["dpo/rejected_reward"]) == pytest.approx(rejected.mean(), rel=1e-6)
+    assert float(m["dpo/margin"]) == pytest.approx(h.mean(), rel=1e-6)
+    assert float(m["dpo/accuracy"]) == 0.5
+
+
+def test_dpo_gradient_raises_chosen_lowers_rejected():
+    x = _pref_inputs()
+    g = jax.grad(lambda pc, pr: losses.dpo(**{**x, "policy_chosen_logps": pc,
+                                                "policy_rejected_logps": pr})[0],
+                 argnums=(0, 1))(x["policy_chosen_logps"], x["policy_rejected_logps"])
+    assert np.all(np.asarray(g[0]) < 0)  # descending the loss raises log pi(y+)
+    assert np.all(np.asarray(g[1]) > 0)  # and lowers log pi(y-)
+
+
+def test_cdpo_label_smoothing():
+    x = _pref_inputs()
+    plain, _ = losses.dpo(**x, beta=0.3)
+    smoothed0, _ = losses.dpo(**x, beta=0.3, label_smoothing=0.0)
+    assert float(plain) == float(smoothed0)
+    c, _ = losses.cdpo(**x, beta=0.3, label_smoothing=0.2)
+    h = 0.3 * (np.array([0.5, -1.0]) - np.array([-1.0, 1.0]))
+    expected = np.mean(0.8 * np.log1p(np.exp(-h)) + 0.2 * np.log1p(np.exp(h)))
+    assert float(c) == pytest.approx(expected, rel=1e-6)
+
+
+def test_ipo_simpo_orpo_formulas():
+    x = _pref_inputs()
+    lc, lr = jnp.array([4.0, 2.0]), jnp.array([5.0, 3.0])
+    loss, _ = losses.ipo(**x, tau=0.25, chosen_lengths=lc, rejected_lengths=lr)
+    h = np.array([0.5, -1.0]) / np.array([4.0, 2.0]) - np.array([-1.0, 1.0]) / np.array([5, 3])
+    assert float(loss) == pytest.approx(np.mean((h - 2.0) ** 2), rel=1e-6)
+    loss, _ = losses.ipo(**x, tau=0.25)
+    h = np.array([0.5, -1.0]) - np.array([-1.0, 1.0])
+    assert float(loss) == pytest.approx(np.mean((h - 2.0) ** 2), rel=1e-6)
+
+    loss, m = losses.simpo(policy_chosen_logps=x["policy_chosen_logps"],
+                           policy_rejected_logps=x["policy_rejected_logps"],
+                           chosen_lengths=lc, rejected_lengths=lr, beta=2.0, gamma=0.5)
+    z = 2.0 * np.array([-10 / 4, -12 / 2]) - 2.0 * np.array([-11 / 5, -9 / 3]) - 0.5
+    assert float(loss) == pytest.approx(np.mean(np.log1p(np.exp(-z))), rel=1e-6)
+
+    nll = jnp.array([2.5, 6.0])
+    loss, m = losses.orpo(policy_chosen_logps=x["policy_chosen_logps"],
+                          policy_rejected_logps=x["policy_rejected_logps"],
+                          chosen_lengths=lc, rejected_lengths=lr, chosen_nll=nll, lam=0.1)
+    a_c, a_r = np.array([-10 / 4, -12 / 2]), np.array([-11 / 5, -9 / 3])
+    log_odds = lambda a: a - np.log1p(-np.exp(a))  # noqa: E731
+    lor = log_odds(a_c) - log_odds(a_r)
+    expected = np.mean(np.asarray(nll)) + 0.1 * np.mean(np.log1p(np.exp(-lor)))
+    assert float(loss) == pytest.approx(expected, rel=1e-6)
+    assert float(m["orpo/log_odds_ratio"]) == pytest.approx(lor.mean(), rel=1e-5)
+
+
+# --- dtypes and extreme inputs ------------------------------------------------------------------
+
+def test_bf16_inputs_compute_in_float32():
+    x = {k: v.astype(jnp.bfloat16) for k, v in _pref_inputs().items()}
+    loss, m = losses.dpo(**x)
+    assert loss.dtype == jnp.float32 and all(v.dtype == jnp.float32 for v in m.values())
+    lp = jnp.full((2, 3), -1.0, jnp.bfloat16)
+    loss, _ = losses.ppo_clip(logps=lp, old_logps=lp, advantages=jnp.ones((2, 3), jnp.bfloat16),
+                              mask=jnp.ones((2, 3), jnp.bfloat16))
+    assert loss.dtype == jnp.float32
+
+
+EXTREME_CASES = {
+    "bradley_terry": lambda s: losses.bradley_terry(
+        chosen_rewards=jnp.array([1e4, -1e4]) * s, rejected_rewards=jnp.array([-1e4, 1e4]) * s,
+        margin=jnp.array([1.0, 1.0]), center_coef=0.01),
+    "plackett_luce": lambda s: losses.plackett_luce(rewards=jnp.array([[1e4, -1e4, 0.0]]) * s),
+    "dpo": lambda s: losses.dpo(policy_chosen_logps=jnp.array([-100.0, 0.0]) * s,
+                                policy_rejected_logps=jnp.array([0.0, -100.0]) * s,
+                                ref_chosen_logps=jnp.array([0.0, -100.0]) * s,
+                                ref_rejected_logps=jnp.array([-100.0, 0.0]) * s,
+                                label_smoothing=0.1),
+    "ipo": lambda s: losses.ipo(policy_chosen_logps=jnp.array([-100.0]) * s,
+                                policy_rejected_logps=jnp.array([0.0]) * s,
+                                ref_chosen_logps=jnp.array([0.0]) * s,
+                                ref_rejected_logps=jnp.array([-100.0]) * s,
+                                chosen_lengths=jnp.array([0.0]), rejected_lengths=jnp.array([3])),
+    "simpo": lambda s: losses.simpo(policy_chosen_logps=jnp.array([-1e4, 0.0]) * s,
+                                    policy_rejected_logps=jnp.array([0.0, -1e4]) * s,
+                                    chosen_lengths=jnp.array([1, 0]),
+                                    rejected_lengths=jnp.array([1, 1])),
+    "orpo": lambda s: losses.orpo(policy_chosen_logps=jnp.array([-100.0, 0.0, -1e-9]) * s,
+                                  policy_rejected_logps=jnp.array([0.0, -100.0, -1e4]) * s,
+                                  chosen_lengths=jnp.array([1, 1, 1]),
+                                  rejected_lengths=jnp.array([1, 1, 1]),
+                                  chosen_nll=jnp.array([100.0, 0.0, 0.0]) * s),
+    "ppo_clip": lambda s: losses.ppo_clip(
+        logps=jnp.array([[-100.0, 0.0, -5.0], [0.0, 0.0, 0.0]]) * s,
+        old_logps=jnp.array([[0.0, -100.0, -5.0], [0.0, 0.0, 0.0]]) * s,
+        advantages=jnp.array([[1e4, -1e4, 1.0], [1.0, 1.0, 1.0]]) * s,
+        mask=jnp.array([[1, 1, 1], [0, 0, 0]]), dual_clip=3.0),
+    "ppo_clip_all_masked": lambda s: losses.ppo_clip(
+        logps=jnp.full((2, 3), -100.0) * s, old_logps=jnp.zeros((2, 3)),
+        advantages=jnp.full((2, 3), 1e4), mask=jnp.zeros((2, 3)), agg="seq_mean_token_mean"),
+    "value_loss": lambda s: losses.value_loss(
+        values=jnp.array([[1e4, 0.0]]) * s, old_values=jnp.array([[-1e4, 0.0]]),
+        returns=jnp.array([[0.0, 1e4]]), mask=jnp.array([[1, 0]])),
+    "reinforce": lambda s: losses.reinforce(
+        logps=jnp.array([[-100.0, 0.0]]) * s, advantages=jnp.array([[1e4, -1e4]]),
+        mask=jnp.zeros((1, 2))),
+    "entropy": lambda s: losses.entropy(
+        logits=jnp.array([[[1e4, -1e4, 0.0]]]) * s, mask=jnp.ones((1, 1))),
+}
+
+
+@pytest.mark.parametrize("name", sorted(EXTREME_CASES))
+def test_finite_values_and_gradients_on_extreme_inputs(name):
+    fn = EXTREME_CASES[name]
+    loss, metrics = fn(1.0)
+    assert np.isfinite(float(loss)), name
+    for key, value in metrics.items():
+        assert np.isfinite(float(value)), (name, key)
+    grad = jax.grad(lambda s: fn(s)[0])(1.0)
+    assert np.isfinite(float(grad)), name
