@@ -132,3 +132,21 @@ def test_kl_shaped_rewards_place_score_at_last_token():
 def test_last_token_index():
     mask = jnp.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0], [0, 1, 1, 0]])
     np.testing.assert_array_equal(advantages.last_token_index(mask), [1, 3, 0, 2])
+
+
+def test_finite_on_extreme_and_degenerate_inputs():
+    empty = jnp.zeros((2, 3))
+    assert np.all(np.asarray(advantages.whiten(jnp.full((2, 3), 1e4), empty)) == 0)
+    # A group whose rewards are all equal has zero advantage, not 0/0.
+    np.testing.assert_array_equal(advantages.group_normalized(jnp.full((4,), 1e4), 2), 0.0)
+    logps = jnp.array([[-100.0, 0.0, -3.0]])
+    ref = jnp.array([[0.0, -100.0, -3.0]])
+    for est in ("k1", "k2", "k3"):
+        r = advantages.kl_shaped_rewards(scores=jnp.array([1e4]), logps=logps, ref_logps=ref,
+                                         mask=jnp.ones((1, 3)), kl_coef=0.1, estimator=est)
+        adv, ret = advantages.gae(rewards=r, values=jnp.full((1, 3), 1e4), mask=jnp.ones((1, 3)))
+        assert np.all(np.isfinite(adv)) and np.all(np.isfinite(ret)), est
+    grad = jax.grad(lambda lp: jnp.sum(advantages.kl_shaped_rewards(
+        scores=jnp.array([1.0]), logps=lp, ref_logps=ref, mask=jnp.ones((1, 3)), kl_coef=0.1,
+        estimator="k3")))(logps)
+    assert np.all(np.isfinite(grad))
