@@ -1,0 +1,111 @@
+"""Metric writers: one JSON line per step, TensorBoard event files, and a progress bar.
+
+Metrics arrive as flat dicts of scalars (jax or numpy scalars, Python numbers) keyed by
+namespaced names ("ppo/clipfrac", "gold/reward"). `MetricsWriter.write` pulls them to the host
+once per call, so a trainer calls it once per logged step, never inside a jitted loop.
+Non-finite values are written as they are (JSON `NaN`/`Infinity`): a run that diverged must
+show it, not hide it.
+"""
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def to_host(metrics: Mapping[str, Any]) -> dict[str, float]:
+    """Flat dict of scalar arrays -> dict of Python floats, with one device-to-host transfer."""
+    values = jax.device_get(dict(metrics))
+    out = {}
+    for key, value in values.items():
+        arr = np.asarray(value)
+        if arr.size != 1:
+            raise ValueError(f"metric {key!r} has shape {arr.shape}; metrics must be scalars")
+        out[key] = float(arr.reshape(()))
+    return out
+
+
+class MetricsWriter:
+    """Appends `{"step": s, **metrics}` lines to `directory/metrics.jsonl`, and TensorBoard events.
+
+    Appending (not truncating) keeps the history of a resumed stage in one file; lines from
+    steps after the restored checkpoint are superseded by the resumed run's lines for the same
+    steps (`read_metrics` keeps the last line per step).
+    """
+
+    def __init__(self, directory, *, tensorboard: bool = True):
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.path = self.directory / METRICS_FILE
+        self._file = open(self.path, "a", encoding="utf-8")
+        self._tb = None
+        if tensorboard:
+            from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+            self._tb = SummaryWriter(str(self.directory / "tensorboard"))
+
+    def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
+        values = to_host(metrics)
+        record = {"step": int(step), "time": time.time(), **values}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            for key, value in values.items():
+                self._tb.add_scalar(key, value, int(step))
+        return values
+
+    def close(self):
+        self._file.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def read_metrics(path) -> list[dict[str, float]]:
+    """Reads a metrics.jsonl file (or the directory holding one), one dict per step, by step.
+
+    When a step appears more than once (a stage resumed from a checkpoint older than its last
+    logged step), the last line written for it wins.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / METRICS_FILE
+    by_step = {}
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from e
+            by_step[record["step"]] = record
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def progress(iterable: Iterable | None = None, *, total: int | None = None, desc: str = "",
+             initial: int = 0, disable: bool | None = None):
+    """A tqdm progress bar with ETA; `bar.set_postfix(format_postfix(metrics))` shows metrics.
+
+    Disabled automatically when stderr is not a terminal (CI logs), unless disable=False.
+    """
+    return tqdm(iterable, total=total, desc=desc, initial=initial, dynamic_ncols=True,
+                disable=disable, leave=True)
+
+
+def format_postfix(values: Mapping[str, float], keys: Iterable[str] | None = None) -> dict:
+    """Short strings for a progress-bar postfix: the chosen keys, 4 significant digits."""
+    keys = values.keys() if keys is None else [k for k in keys if k in values]
+    return {k.split("/")[-1]: (f"{values[k]:.4g}" if math.isfinite(values[k]) else str(values[k]))
+            for k in keys}

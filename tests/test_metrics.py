@@ -1,0 +1,46 @@
+"""Metric writers: JSONL lines, TensorBoard events, resumed runs, bad input."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from rlhf_jax.metrics import MetricsWriter, format_postfix, read_metrics, to_host
+
+
+def test_jsonl_and_tensorboard(tmp_path):
+    with MetricsWriter(tmp_path / "ppo") as w:
+        w.write(1, {"ppo/clipfrac": jnp.float32(0.25), "gold/reward": np.float64(1.5)})
+        w.write(2, {"ppo/clipfrac": jnp.float32(0.125), "objective/kl": float("nan")})
+    rows = read_metrics(tmp_path / "ppo")
+    assert [r["step"] for r in rows] == [1, 2]
+    assert rows[0]["ppo/clipfrac"] == 0.25 and rows[0]["gold/reward"] == 1.5
+    assert math.isnan(rows[1]["objective/kl"])  # a diverged value is shown, not dropped
+    events = list((tmp_path / "ppo" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+
+
+def test_resumed_run_supersedes_repeated_steps(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        for step in (1, 2, 3):
+            w.write(step, {"loss": step})
+    with MetricsWriter(tmp_path, tensorboard=False) as w:  # resumed from step 2's checkpoint
+        w.write(3, {"loss": 30.0})
+        w.write(4, {"loss": 40.0})
+    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
+        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+
+
+def test_bad_metrics_and_bad_lines(tmp_path):
+    with pytest.raises(ValueError, match="'x' has shape \\(2,\\)"):
+        to_host({"x": jnp.zeros(2)})
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "a": 1}\nnot json\n')
+    with pytest.raises(ValueError, match="metrics.jsonl:2"):
+        read_metrics(path)
+
+
+def test_format_postfix():
+    assert format_postfix({"rm/accuracy": 0.123456, "rm/loss": float("inf")}) == {
+        "accuracy": "0.1235", "loss": "inf"}
