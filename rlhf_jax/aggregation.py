@@ -14,8 +14,8 @@ Modes (see docs/implementation_details.md, "Loss aggregation"):
   seq_mean_token_mean      mean over sequences of each sequence's token mean (GRPO, Shao et
                            al. 2024, eq. 3); sequences with no valid token are not counted.
   seq_mean_token_sum_norm  mean over sequences of each sequence's token sum divided by a
-                           constant `norm` (Dr. GRPO, Liu et al. 2025, sec. 3.1); `norm`
-                           defaults to T, the padded length.
+                           constant `norm` (Dr. GRPO, Liu et al. 2025, sec. 3.1), which must
+                           be bound: "seq_mean_token_sum_norm(norm=256)".
 """
 
 import jax.numpy as jnp
@@ -23,41 +23,45 @@ import jax.numpy as jnp
 from rlhf_jax import registry
 
 
-def _f32(x):
-    return jnp.asarray(x, jnp.float32)
+def _masked(per_token, mask):
+    """float32 values with padded positions set to 0 (not multiplied: inf * 0 would be NaN)."""
+    m = jnp.asarray(mask, jnp.float32)
+    return jnp.where(m > 0, jnp.asarray(per_token, jnp.float32), 0.0), m
 
 
 @registry.register("loss_agg")
 def token_mean(per_token, mask):
     """(sum over valid tokens, number of valid tokens). Shapes: [B, T] -> scalars."""
-    x, m = _f32(per_token), _f32(mask)
-    return jnp.sum(x * m), jnp.sum(m)
+    x, m = _masked(per_token, mask)
+    return jnp.sum(x), jnp.sum(m)
 
 
 @registry.register("loss_agg")
 def seq_mean_token_mean(per_token, mask):
     """(sum over sequences of their token means, number of non-empty sequences). [B, T]."""
-    x, m = _f32(per_token), _f32(mask)
+    x, m = _masked(per_token, mask)
     tokens = jnp.sum(m, axis=-1)
-    seq_means = jnp.sum(x * m, axis=-1) / jnp.maximum(tokens, 1.0)
+    seq_means = jnp.sum(x, axis=-1) / jnp.maximum(tokens, 1.0)
     return jnp.sum(seq_means), jnp.sum(tokens > 0).astype(jnp.float32)
 
 
 @registry.register("loss_agg")
-def seq_mean_token_sum_norm(per_token, mask, norm=None):
-    """(sum over valid tokens / norm, number of sequences). [B, T]; norm defaults to T.
+def seq_mean_token_sum_norm(per_token, mask, *, norm):
+    """(sum over valid tokens / norm, number of sequences). [B, T].
 
     Dr. GRPO's constant normaliser: every token weighs the same whatever the length of its
-    sequence, removing the length bias of per-sequence means (Liu et al. 2025).
+    sequence, removing the length bias of per-sequence means (Liu et al. 2025). `norm` must be
+    given (e.g. "seq_mean_token_sum_norm(norm=256)", the generation budget): defaulting it to
+    the padded length would give micro-batches padded to different lengths different
+    normalisers, and their losses would no longer add up to the whole batch's.
     """
-    x, m = _f32(per_token), _f32(mask)
-    norm = x.shape[-1] if norm is None else norm
-    return jnp.sum(x * m) / norm, jnp.asarray(x.shape[0], jnp.float32)
+    x, _ = _masked(per_token, mask)
+    return jnp.sum(x) / norm, jnp.asarray(x.shape[0], jnp.float32)
 
 
 def parts(per_token, mask, mode="token_mean"):
     """(sum, denominator) of `per_token` under `mask` for a registered mode (name or spec)."""
-    return registry.get("loss_agg", mode)(per_token, mask)
+    return registry.call(registry.get("loss_agg", mode), per_token=per_token, mask=mask)
 
 
 def denominator(mask, mode="token_mean"):
@@ -74,7 +78,7 @@ def aggregate(per_token, mask, mode="token_mean", *, normalizer=None):
     """
     total, denom = parts(per_token, mask, mode)
     if normalizer is not None:
-        denom = _f32(normalizer)
+        denom = jnp.asarray(normalizer, jnp.float32)
     return jnp.where(denom > 0, total / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 

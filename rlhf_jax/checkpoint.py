@@ -9,14 +9,15 @@ items:
 
 Orbax writes each step into a temporary directory and renames it only once every item is on
 disk, so a checkpoint that was being written when the process died is never listed, never
-restored (Orbax clears such leftovers when a manager starts); the previous complete step is
-restored instead.
+restored (its leftovers are removed when the next Checkpointer opens the directory); the
+previous complete step is restored instead.
 
 Restoring takes a *target*: a pytree of arrays or `jax.ShapeDtypeStruct`s with shardings. The
 arrays are read straight into that layout, so a stage can restore its predecessor's parameters
 onto a different mesh than the one that saved them.
 """
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 CHECKPOINTS = "checkpoints"
+_TMP_MARK = ".orbax-checkpoint-tmp"
 
 
 def _is_key(x) -> bool:
@@ -52,7 +54,10 @@ def _data_to_keys(restored, target):
     def wrap(value, like):
         if not _is_key(like):
             return value
-        impl = jax.random.key_impl(like) if isinstance(like, jax.Array) else None
+        if isinstance(like, jax.Array):
+            impl = jax.random.key_impl(like)
+        else:  # a ShapeDtypeStruct: the key dtype carries its implementation (rbg, threefry)
+            impl = getattr(like.dtype, "_impl", None)
         return jax.random.wrap_key_data(value, impl=impl)
     return jax.tree.map(wrap, restored, target, is_leaf=_is_key)
 
@@ -84,10 +89,16 @@ class Checkpointer:
             raise ValueError(f"save_interval_steps must be >= 1, got {save_interval_steps}")
         self.directory = Path(directory).absolute()
         self.save_interval_steps = save_interval_steps
+        ckpt_dir = self.directory / CHECKPOINTS
+        if jax.process_index() == 0:
+            # Leftovers of a write that never finished. Removed here, synchronously, rather than
+            # by Orbax's background clean-up, which can race with a second manager or a save.
+            for leftover in ckpt_dir.glob(f"*{_TMP_MARK}*"):
+                shutil.rmtree(leftover, ignore_errors=True)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=max_to_keep, create=True,
-            cleanup_tmp_directories=True, enable_async_checkpointing=False)
-        self._manager = ocp.CheckpointManager(self.directory / CHECKPOINTS, options=options)
+            cleanup_tmp_directories=False, enable_async_checkpointing=False)
+        self._manager = ocp.CheckpointManager(ckpt_dir, options=options)
 
     def latest_step(self) -> int | None:
         """The newest complete checkpoint's step, or None."""
@@ -101,9 +112,13 @@ class Checkpointer:
 
         `params` and `train` are pytrees of arrays (typed PRNG keys are allowed); `meta` is a
         JSON-serialisable dict. The write is synchronous: when this returns True the step is
-        on disk and complete.
+        on disk and complete. A step that already has a complete checkpoint is not rewritten.
         """
         if not (force or step % self.save_interval_steps == 0):
+            return False
+        if step in self._manager.all_steps():
+            # Already complete on disk (a finished stage run again, or a resumed run repeating
+            # a step): resumption is exact, so the saved state is the same.
             return False
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(_keys_to_data(params)),
@@ -159,13 +174,20 @@ class Checkpointer:
         return step
 
 
-def stage_has_checkpoint(directory) -> bool:
-    """Whether `directory` (a stage directory) holds at least one complete checkpoint."""
+def complete_steps(directory) -> list[int]:
+    """The steps with a complete checkpoint in stage `directory`, read without a manager.
+
+    Orbax gives a step its plain numeric name only once the write has finished.
+    """
     path = Path(directory) / CHECKPOINTS
     if not path.is_dir():
-        return False
-    with Checkpointer(directory) as ckpt:
-        return ckpt.latest_step() is not None
+        return []
+    return sorted(int(p.name) for p in path.iterdir() if p.is_dir() and p.name.isdigit())
+
+
+def stage_has_checkpoint(directory) -> bool:
+    """Whether `directory` (a stage directory) holds at least one complete checkpoint."""
+    return bool(complete_steps(directory))
 
 
 def tree_equal(a, b) -> bool:

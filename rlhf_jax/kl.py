@@ -66,7 +66,7 @@ def estimate(*, logps, ref_logps, kind="k1", mask=None):
     Returns: [B, T] float32.
     """
     est = registry.get("kl_estimator", kind)(logps=logps, ref_logps=ref_logps)
-    return est if mask is None else est * jnp.asarray(mask, jnp.float32)
+    return est if mask is None else jnp.where(jnp.asarray(mask) > 0, est, 0.0)
 
 
 class KLState(NamedTuple):
@@ -88,11 +88,12 @@ def fixed_update(state: KLState, *, kl, n_steps) -> KLState:
 
 @registry.register("kl_controller", "adaptive")
 def adaptive_update(state: KLState, *, kl, n_steps, target=6.0, horizon=10000.0) -> KLState:
-    """Adaptive controller (Ziegler et al. 2019, sec. 2.2, eq. 2).
+    """Adaptive controller (Ziegler et al. 2019, sec. 2.2, eq. 2, in the form of their code).
 
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon),
     where KL is the observed mean sequence KL and n_steps the number of samples in the batch
-    that produced it. The proportional error is clipped so one noisy batch cannot move beta
+    that produced it. The paper writes the gain as K_beta = 0.1; the released
+    lm-human-preferences code uses n_steps / horizon, which scales the gain with the batch. The proportional error is clipped so one noisy batch cannot move beta
     by more than 20% of n_steps / horizon.
     """
     error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)

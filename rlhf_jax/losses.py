@@ -21,6 +21,28 @@ def _f32(x):
     return jnp.asarray(x, jnp.float32)
 
 
+def _per_token(x, mask):
+    """A per-token input as float32 [B, T] constants: [B] or [B, 1] broadcast over tokens."""
+    x = jnp.asarray(x, jnp.float32)
+    if x.ndim == 1:  # [B] per-sequence values; never let [B] broadcast along T when B == T
+        x = x[:, None]
+    return jax.lax.stop_gradient(jnp.broadcast_to(x, jnp.shape(mask)))
+
+
+def _require(ok, message):
+    """Validates a hyperparameter when it is a concrete Python number (not a traced value)."""
+    if isinstance(ok, bool) and not ok:
+        raise ValueError(message)
+
+
+def _positive(x):
+    return x > 0 if isinstance(x, (int, float)) else None
+
+
+def _in_range(x, lo, hi):
+    return lo <= x < hi if isinstance(x, (int, float)) else None
+
+
 def _win_rate(margin):
     """Fraction of pairs ordered correctly; an exact tie counts as half a win."""
     return jnp.mean(jnp.where(margin > 0, 1.0, jnp.where(margin == 0, 0.5, 0.0)))
@@ -65,11 +87,15 @@ def plackett_luce(*, rewards):
 
     -log P(ranking) = -sum_{k=1}^{K} [ r_k - logsumexp(r_k, ..., r_K) ]; for K = 2 this is the
     Bradley–Terry loss. Args: rewards [B, K], column 0 the best. Returns (loss, metrics) with
-    rm/loss, rm/top1_accuracy (the best item scores highest) and rm/pairwise_accuracy.
+    rm/loss, rm/top1_accuracy (the best item scores highest; ties share the win) and
+    rm/pairwise_accuracy.
     Source: Plackett 1975, Luce 1959; K-wise reward modelling as in Zhu et al. 2023.
     """
     r = _f32(rewards)
     k = r.shape[-1]
+    at_max = r == jnp.max(r, axis=-1, keepdims=True)
+    # The best item "wins" top-1 in proportion to how many items tie with it at the maximum.
+    top1 = jnp.mean(jnp.where(at_max[:, 0], 1.0 / jnp.sum(at_max, axis=-1), 0.0))
     suffix_lse = jax.lax.cumlogsumexp(r, axis=r.ndim - 1, reverse=True)
     nll = jnp.mean(jnp.sum(suffix_lse - r, axis=-1))
     upper = jnp.triu(jnp.ones((k, k), bool), k=1)  # pairs (i, j) with i ranked above j
@@ -78,7 +104,7 @@ def plackett_luce(*, rewards):
     pairwise = jnp.sum(wins * upper) / (r.shape[0] * jnp.sum(upper))
     return nll, {
         "rm/loss": nll,
-        "rm/top1_accuracy": jnp.mean(jnp.argmax(r, axis=-1) == 0),
+        "rm/top1_accuracy": top1,
         "rm/pairwise_accuracy": pairwise,
     }
 
@@ -109,6 +135,9 @@ def dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     Returns: (loss, metrics) with dpo/loss and the implicit rewards beta * log(pi / pi_ref) of
       chosen and rejected (dpo/chosen_reward, dpo/rejected_reward), their margin and accuracy.
     """
+    _require(_positive(beta), f"dpo: beta must be > 0, got {beta}")
+    _require(_in_range(label_smoothing, 0.0, 0.5),
+             f"dpo: label_smoothing must be in [0, 0.5), got {label_smoothing}")
     chosen = beta * (_f32(policy_chosen_logps) - _f32(ref_chosen_logps))
     rejected = beta * (_f32(policy_rejected_logps) - _f32(ref_rejected_logps))
     h = chosen - rejected
@@ -140,6 +169,7 @@ def ipo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     Args: the four log-probs [B]; tau > 0; chosen_lengths, rejected_lengths [B] or None.
     Returns: (loss, metrics) with ipo/loss and implicit rewards tau * lr of chosen and rejected.
     """
+    _require(_positive(tau), f"ipo: tau must be > 0, got {tau}")
     lr_c = _f32(policy_chosen_logps) - _f32(ref_chosen_logps)
     lr_r = _f32(policy_rejected_logps) - _f32(ref_rejected_logps)
     if chosen_lengths is not None:
@@ -160,6 +190,7 @@ def simpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejecte
       reward margin, in reward units). Returns (loss, metrics) with simpo/loss and the rewards
       beta * log pi(y) / |y| of chosen and rejected, their margin and accuracy.
     """
+    _require(_positive(beta), f"simpo: beta must be > 0, got {beta}")
     chosen = beta * _f32(policy_chosen_logps) / jnp.maximum(_f32(chosen_lengths), 1.0)
     rejected = beta * _f32(policy_rejected_logps) / jnp.maximum(_f32(rejected_lengths), 1.0)
     loss = jnp.mean(jax.nn.softplus(-(chosen - rejected - gamma)))
@@ -215,7 +246,8 @@ def ppo_clip(*, logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=
     the update from a huge ratio on a bad token. loss = -aggregate(objective).
     Args:
       logps, old_logps: [B, T] log-probs of the taken tokens under the current and the
-        sampling policy. advantages: [B, T] (or [B, 1] to broadcast). mask: [B, T] 0/1.
+        sampling policy. advantages: [B, T], or [B] / [B, 1] per sequence. mask: [B, T] 0/1.
+        Advantages and old log-probs are constants: their gradients are stopped.
       clip_eps: eps_low (and eps_high unless clip_eps_high is given: the asymmetric
         "clip-higher" of Yu et al. 2025, DAPO).
       agg: a loss_agg name/spec; normalizer: the whole batch's denominator for micro-batches.
@@ -224,11 +256,18 @@ def ppo_clip(*, logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=
       ppo/ratio_mean, ppo/ratio_max and, with dual_clip, ppo/dual_clipfrac.
     The log-ratio is clamped to +-LOG_RATIO_CLAMP before exp so the ratio stays finite.
     """
-    m = _f32(mask)
-    adv = jnp.broadcast_to(_f32(advantages), m.shape)
-    log_ratio = jnp.clip(_f32(logps) - _f32(old_logps), -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
-    ratio = jnp.exp(log_ratio)
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
+    _require(_positive(clip_eps) and _positive(eps_high),
+             f"ppo_clip: clip ranges must be > 0, got {clip_eps}, {eps_high}")
+    _require(dual_clip is None or _in_range(dual_clip, 1.0 + 1e-12, float("inf")),
+             f"ppo_clip: dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
+    m = _f32(mask)
+    adv = _per_token(advantages, m)
+    old = jax.lax.stop_gradient(_f32(old_logps))
+    # Padded positions get a log-ratio of 0 before the exp: padding may hold -inf log-probs.
+    log_ratio = jnp.where(m > 0, _f32(logps) - old, 0.0)
+    log_ratio = jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
+    ratio = jnp.exp(log_ratio)
     unclipped = ratio * adv
     clipped = jnp.clip(ratio, 1.0 - clip_eps, 1.0 + eps_high) * adv
     objective = jnp.minimum(unclipped, clipped)
@@ -260,7 +299,8 @@ def value_loss(*, values, old_values, returns, mask, clip_eps=0.2, agg="token_me
       squared error) and value/explained_variance = 1 - Var(R - V) / Var(R) over valid tokens.
     """
     m = _f32(mask)
-    v, v_old, ret = _f32(values), _f32(old_values), _f32(returns)
+    v = _f32(values)
+    v_old, ret = _per_token(old_values, m), _per_token(returns, m)
     err = jnp.square(v - ret)
     if clip_eps is None:
         per_token, clipfrac = 0.5 * err, jnp.zeros((), jnp.float32)
@@ -290,23 +330,25 @@ def explained_variance(*, predictions, targets, mask):
 
 @registry.register("policy_loss")
 def reinforce(*, logps, advantages, mask, agg="token_mean", normalizer=None):
-    """REINFORCE policy-gradient loss -A * log pi(y_t) (Williams 1992). Shapes [B, T].
+    """REINFORCE policy-gradient loss -A * log pi(y_t) (Williams 1992). Shapes [B, T]
+    (advantages may be [B] per sequence).
 
     The advantage carries the baseline (RLOO, GRPO or a critic), so this also serves those
     estimators on-policy; the advantages are constants (gradient stopped).
     Returns: (loss, metrics) with pg/loss and pg/advantage_mean.
     """
     m = _f32(mask)
-    adv = jax.lax.stop_gradient(jnp.broadcast_to(_f32(advantages), m.shape))
+    adv = _per_token(advantages, m)
     loss = aggregate(-adv * _f32(logps), m, agg, normalizer=normalizer)
     return loss, {"pg/loss": loss, "pg/advantage_mean": masked_mean(adv, m)}
 
 
 def token_entropy(logits):
     """Entropy of softmax(logits) per position, float32. [..., V] -> [...]."""
-    logits = _f32(logits)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    return -jnp.sum(jnp.exp(logp) * logp, axis=-1)
+    logp = jax.nn.log_softmax(_f32(logits), axis=-1)
+    p = jnp.exp(logp)
+    # Tokens masked to -inf (top-k, vocabulary masks) have p = 0 and contribute 0, not 0 * -inf.
+    return -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, logp, 0.0), 0.0), axis=-1)
 
 
 def entropy(*, logits, mask, agg="token_mean", normalizer=None):

@@ -107,5 +107,5 @@ def progress(iterable: Iterable | None = None, *, total: int | None = None, desc
 def format_postfix(values: Mapping[str, float], keys: Iterable[str] | None = None) -> dict:
     """Short strings for a progress-bar postfix: the chosen keys, 4 significant digits."""
     keys = values.keys() if keys is None else [k for k in keys if k in values]
-    return {k.split("/")[-1]: (f"{values[k]:.4g}" if math.isfinite(values[k]) else str(values[k]))
+    return {k: (f"{values[k]:.4g}" if math.isfinite(values[k]) else str(values[k]))
             for k in keys}

@@ -82,12 +82,26 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
     for kw in node.keywords:
         if kw.arg is None:
             raise ValueError(f"{spec!r}: '**' is not allowed; name each argument")
+        if kw.arg in kwargs:
+            raise ValueError(f"{spec!r}: {kw.arg!r} is given twice")
         try:
-            kwargs[kw.arg] = ast.literal_eval(kw.value)
-        except ValueError as e:
+            value = ast.literal_eval(kw.value)
+        except ValueError:
+            value = None
+            ok = False
+        else:
+            ok = _is_scalar_literal(value)
+        if not ok:
             raise ValueError(f"{spec!r}: the value of {kw.arg!r} must be a literal "
-                             "(number, string, bool, None or tuple)") from e
+                             "(number, string, bool, None, or a tuple of those)")
+        kwargs[kw.arg] = value
     return node.func.id, kwargs
+
+
+def _is_scalar_literal(value) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_scalar_literal(v) for v in value)
+    return value is None or isinstance(value, (bool, int, float, str))
 
 
 def get(kind: str, spec: str | Callable) -> Callable:
@@ -98,6 +112,13 @@ def get(kind: str, spec: str | Callable) -> Callable:
     """
     if callable(spec):
         return spec
+    return _get_cached(kind, spec)
+
+
+@functools.cache
+def _get_cached(kind: str, spec: str) -> Callable:
+    # Cached so the same spec always yields the same object: a partial used as a static
+    # argument of jax.jit then hashes equal and does not trigger a recompile.
     _check_kind(kind)
     _load_providers()
     name, kwargs = parse(spec)

@@ -14,7 +14,9 @@ def _random_batch(seed, b=6, t=9):
     values = rng.normal(size=(b, t)).astype(np.float32)
     lengths = rng.integers(0, t + 1, size=b)
     lengths[0], lengths[1] = t, 0  # a full row and an empty row
-    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float32)
+    starts = np.minimum(rng.integers(0, 3, size=b), t - lengths)  # responses after a prompt
+    pos = np.arange(t)[None, :]
+    mask = ((pos >= starts[:, None]) & (pos < (starts + lengths)[:, None])).astype(np.float32)
     return rewards, values, mask
 
 
@@ -22,10 +24,13 @@ def _gae_loop(rewards, values, mask, gamma, lam):
     """Reference: a plain Python loop over each row's valid tokens, no bootstrap at the end."""
     adv = np.zeros_like(rewards)
     for b in range(rewards.shape[0]):
-        n = int(mask[b].sum())
+        valid = np.flatnonzero(mask[b])
+        if not len(valid):
+            continue
+        first, end = valid[0], valid[-1] + 1
         running = 0.0
-        for t in reversed(range(n)):
-            next_value = values[b, t + 1] if t + 1 < n else 0.0
+        for t in reversed(range(first, end)):
+            next_value = values[b, t + 1] if t + 1 < end else 0.0
             delta = rewards[b, t] + gamma * next_value - values[b, t]
             running = delta + gamma * lam * running
             adv[b, t] = running

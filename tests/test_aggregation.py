@@ -17,7 +17,7 @@ def _batch(seed=0, b=7, t=11):
     return x, mask
 
 
-@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm",
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean",
                                   "seq_mean_token_sum_norm(norm=32)"])
 def test_micro_batches_summed_as_parts_equal_whole_batch(mode):
     x, m = _batch()
@@ -39,9 +39,34 @@ def test_mode_values():
     m = np.array([[1, 1, 1], [1, 0, 0]], np.float32)
     assert float(aggregate(x, m, "token_mean")) == pytest.approx(10 / 4)
     assert float(aggregate(x, m, "seq_mean_token_mean")) == pytest.approx((2 + 4) / 2)
-    assert float(aggregate(x, m, "seq_mean_token_sum_norm")) == pytest.approx((6 / 3 + 4 / 3) / 2)
+    assert float(aggregate(x, m, "seq_mean_token_sum_norm(norm=3)")) == pytest.approx(
+        (6 / 3 + 4 / 3) / 2)
     assert float(aggregate(x, m, "seq_mean_token_sum_norm(norm=10)")) == pytest.approx(0.5)
     assert float(aggregate(x, np.zeros_like(m), "token_mean")) == 0.0
+    with pytest.raises(TypeError, match="needs norm"):
+        aggregate(x, m, "seq_mean_token_sum_norm")
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean",
+                                  "seq_mean_token_sum_norm(norm=16)"])
+def test_micro_batches_padded_to_different_lengths(mode):
+    # Bucketed batching pads each micro-batch to its own length; the parts must not care.
+    x, m = _batch(seed=3, t=9)
+    whole = float(aggregate(x, m, mode))
+    short = int(m[:3].sum(axis=1).max())  # the first micro-batch fits in fewer columns
+    pieces = [(x[:3, :max(short, 1)], m[:3, :max(short, 1)]), (x[3:], m[3:])]
+    total = denom = 0.0
+    for xi, mi in pieces:
+        s, d = aggregation.parts(xi, mi, mode)
+        total, denom = total + float(s), denom + float(d)
+    assert total / denom == pytest.approx(whole, rel=1e-5)
+
+
+def test_non_finite_values_at_padded_positions_do_not_leak():
+    x = np.array([[1.0, np.inf], [2.0, np.nan]], np.float32)
+    m = np.array([[1, 0], [1, 0]], np.float32)
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm(norm=2)"):
+        assert np.isfinite(float(aggregate(x, m, mode))), mode
 
 
 def test_gradient_accumulation_equals_whole_batch_gradient():
@@ -51,7 +76,7 @@ def test_gradient_accumulation_equals_whole_batch_gradient():
     old = logps + jnp.asarray(rng.normal(0, 0.2, size=(b, t)), jnp.float32)
     adv = jnp.asarray(rng.normal(size=(b, t)), jnp.float32)
     mask = jnp.asarray(np.arange(t)[None] < rng.integers(1, t + 1, size=b)[:, None], jnp.float32)
-    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"):
+    for agg in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm(norm=5)"):
         def loss_fn(lp, sl, normalizer=None):
             return losses.ppo_clip(logps=lp, old_logps=old[sl], advantages=adv[sl],
                                    mask=mask[sl], agg=agg, normalizer=normalizer)[0]

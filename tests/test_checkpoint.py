@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.checkpoint import CHECKPOINTS, Checkpointer, abstract, stage_has_checkpoint, tree_equal
+from rlhf_jax.checkpoint import (CHECKPOINTS, Checkpointer, abstract, complete_steps,
+                                 stage_has_checkpoint, tree_equal)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -46,6 +47,31 @@ def test_round_trip_keys_meta_and_retention(tmp_path):
     assert not stage_has_checkpoint(tmp_path / "rm")
 
 
+def test_non_default_key_implementation_and_existing_step(tmp_path):
+    params = {"w": jnp.ones(3)}
+    train = {"rng": jax.random.key(7, impl="rbg")}
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.save(5, params=params, train=train, meta={})
+        # Saving a step that is already complete (a finished stage run again) is a no-op.
+        assert not ckpt.save(5, params=params, train=train, meta={}, force=True)
+        _, got, _ = ckpt.restore(params=abstract(params), train=abstract(train))
+    assert tree_equal(got, train)
+    assert jax.random.key_impl(got["rng"]) == jax.random.key_impl(train["rng"])
+
+
+def test_probe_then_resume_after_an_interrupted_write(tmp_path):
+    params, train = _state(1)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(1, params=params, train=train, meta={})
+    shutil.copytree(tmp_path / CHECKPOINTS / "1", tmp_path / CHECKPOINTS / "2.orbax-checkpoint-tmp-9")
+    for _ in range(3):  # the natural resume pattern: probe, then open and keep saving
+        assert stage_has_checkpoint(tmp_path)
+        with Checkpointer(tmp_path) as ckpt:
+            step = ckpt.latest_step() + 1
+            assert ckpt.save(step, params=params, train=train, meta={})
+    assert complete_steps(tmp_path) == [2, 3, 4]
+
+
 def test_missing_checkpoint_error_says_what_to_do(tmp_path):
     with Checkpointer(tmp_path / "rm") as ckpt:
         with pytest.raises(FileNotFoundError, match="run the stage"):
@@ -77,6 +103,7 @@ def test_partially_written_checkpoint_is_never_restored(tmp_path):
         got, _, meta = ckpt.restore(params=abstract(params))
         assert meta["step"] == 1 and tree_equal(got, params)
         assert ckpt.all_steps() == [1]
+    assert not partial.exists()  # removed when the Checkpointer opened the directory
 
 
 def _run_worker(workdir, total, every, kill_after=None):

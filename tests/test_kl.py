@@ -57,6 +57,10 @@ def test_estimate_masks_padding():
     est = kl.estimate(logps=jnp.array([[-1.0, -2.0]]), ref_logps=jnp.array([[-2.0, -1.0]]),
                       kind="k1", mask=jnp.array([[1, 0]]))
     np.testing.assert_allclose(est, [[1.0, 0.0]])
+    # Padding may hold -inf log-probs: the estimate there is 0, not NaN.
+    est = kl.estimate(logps=jnp.array([[-1.0, -jnp.inf]]), ref_logps=jnp.array([[-1.1, -jnp.inf]]),
+                      kind="k3", mask=jnp.array([[1, 0]]))
+    assert np.all(np.isfinite(est)) and float(est[0, 1]) == 0.0
 
 
 def test_fixed_controller_never_moves():

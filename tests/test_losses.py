@@ -77,6 +77,9 @@ def test_plackett_luce_matches_brute_force_and_reduces_to_bradley_terry():
     _, m = losses.plackett_luce(rewards=ordered)
     assert float(m["rm/top1_accuracy"]) == 0.5
     assert float(m["rm/pairwise_accuracy"]) == 0.5
+    _, m = losses.plackett_luce(rewards=jnp.zeros((4, 3)))  # all tied: no better than chance
+    assert float(m["rm/top1_accuracy"]) == pytest.approx(1 / 3)
+    assert float(m["rm/pairwise_accuracy"]) == 0.5
 
 
 # --- PPO ----------------------------------------------------------------------------------------
@@ -134,6 +137,20 @@ def test_ppo_asymmetric_and_dual_clip():
     assert -float(loss) == pytest.approx(-10.0, rel=1e-5)
 
 
+def test_ppo_constants_have_no_gradient_and_per_sequence_advantages_broadcast():
+    b = t = 3  # B == T: a [B] advantage must still go along the batch, not the tokens
+    logps = jnp.full((b, t), -1.0)
+    adv_b = jnp.array([1.0, -2.0, 3.0])
+    mask = jnp.ones((b, t))
+    l1, _ = losses.ppo_clip(logps=logps, old_logps=logps, advantages=adv_b, mask=mask)
+    l2, _ = losses.ppo_clip(logps=logps, old_logps=logps, advantages=adv_b[:, None], mask=mask)
+    assert float(l1) == float(l2) == pytest.approx(-2.0 / 3)
+    g_adv, g_old = jax.grad(lambda a, o: losses.ppo_clip(logps=logps, old_logps=o, advantages=a,
+                                                         mask=mask)[0], argnums=(0, 1))(
+        jnp.ones((b, t)), logps)
+    assert float(jnp.abs(g_adv).sum()) == 0.0 and float(jnp.abs(g_old).sum()) == 0.0
+
+
 def test_ppo_masked_tokens_do_not_count():
     logps = jnp.log(jnp.array([[0.5, 0.9, 0.1]]))
     old = jnp.log(jnp.array([[0.5, 0.1, 0.1]]))
@@ -174,6 +191,8 @@ def test_reinforce_and_entropy():
     loss, metrics = losses.entropy(logits=logits, mask=jnp.ones((1, 2)))
     assert float(metrics["policy/entropy"]) == pytest.approx(math.log(4), rel=1e-6)
     assert float(loss) == pytest.approx(-math.log(4), rel=1e-6)
+    masked = jnp.array([[[0.0, 0.0, -jnp.inf, -jnp.inf]]])  # top-k filtered to two tokens
+    assert float(losses.token_entropy(masked)[0, 0]) == pytest.approx(math.log(2), rel=1e-6)
 
 
 # --- Direct alignment ---------------------------------------------------------------------------
@@ -298,6 +317,17 @@ EXTREME_CASES = {
         mask=jnp.zeros((1, 2))),
     "entropy": lambda s: losses.entropy(
         logits=jnp.array([[[1e4, -1e4, 0.0]]]) * s, mask=jnp.ones((1, 1))),
+    # -inf entries are added as constants so that d/ds stays a question about the loss.
+    "entropy_with_-inf_logits": lambda s: losses.entropy(
+        logits=jnp.array([[[0.0, 1.0, 0.0]]]) * s + jnp.array([0.0, 0.0, -jnp.inf]),
+        mask=jnp.ones((1, 1))),
+    "ppo_clip_-inf_padding": lambda s: losses.ppo_clip(
+        logps=jnp.array([[-1.0, 0.0]]) * s + jnp.array([0.0, -jnp.inf]),
+        old_logps=jnp.array([[-1.2, -jnp.inf]]),
+        advantages=jnp.array([[1.0, 1.0]]), mask=jnp.array([[1, 0]])),
+    "reinforce_-inf_padding": lambda s: losses.reinforce(
+        logps=jnp.array([[-1.0, 0.0]]) * s + jnp.array([0.0, -jnp.inf]),
+        advantages=jnp.array([1.0]), mask=jnp.array([[1, 0]])),
 }
 
 

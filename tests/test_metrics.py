@@ -43,4 +43,4 @@ def test_bad_metrics_and_bad_lines(tmp_path):
 
 def test_format_postfix():
     assert format_postfix({"rm/accuracy": 0.123456, "rm/loss": float("inf")}) == {
-        "accuracy": "0.1235", "loss": "inf"}
+        "rm/accuracy": "0.1235", "rm/loss": "inf"}

@@ -28,7 +28,7 @@ def _inputs(kind):
         "advantage": dict(rewards=f(B, T), values=f(B, T), mask=mask, group_size=2),
         "kl_estimator": dict(logps=-jnp.abs(f(B, T)), ref_logps=-jnp.abs(f(B, T))),
         "kl_controller": dict(state=kl.init_controller(0.1), kl=jnp.float32(3.0), n_steps=16),
-        "loss_agg": dict(per_token=f(B, T), mask=mask),
+        "loss_agg": dict(per_token=f(B, T), mask=mask, norm=float(T)),
     }[kind]
 
 
@@ -84,11 +84,25 @@ def test_typo_lists_registered_names():
         registry.get("pref_loss", "ipo(beta=0.1)")
     with pytest.raises(ValueError, match="kinds: reward_loss"):
         registry.get("pref_losses", "dpo")
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        registry.call(registry.get("pref_loss", "dpo(beta=-1.0)"), **_inputs("pref_loss"))
+    with pytest.raises(ValueError, match="tau must be > 0"):
+        registry.call(registry.get("pref_loss", "ipo(tau=0)"), **_inputs("pref_loss"))
+    with pytest.raises(ValueError, match="dual_clip must be > 1"):
+        registry.call(registry.get("policy_loss", "ppo_clip(dual_clip=0.5)"),
+                      **_inputs("policy_loss"))
+
+
+def test_same_spec_gives_the_same_object():
+    # So a loss bound from a config string can be a static jit argument without recompiling.
+    assert registry.get("pref_loss", "ipo(tau=0.05)") is registry.get("pref_loss", "ipo(tau=0.05)")
 
 
 @pytest.mark.parametrize("spec,match", [
     ("ipo(0.05)", "by keyword"),
     ("ipo(tau=some_name)", "literal"),
+    ("ipo(tau=[0.1])", "literal"),
+    ("ipo(tau=0.1, tau=0.2)", "given twice"),
     ("ipo(tau=", "cannot parse"),
     ("losses.ipo", "cannot parse"),
     ("", "expected a name"),
