@@ -1,0 +1,407 @@
+"""Fixed-shape batches from a random-access source, with a checkpointable iterator state.
+
+    it = batching.make_iterator(builder.as_data_source(split="train"), kind="pairs",
+                                tokenizer=tok, config=batching.BatchConfig(batch_size=8))
+    batch = next(it)            # numpy dict, shapes below
+    state = it.get_state()      # small JSON-able dict: store it in the checkpoint
+    it.set_state(state)         # continue at exactly the next example
+
+The pipeline is a Grain `MapDataset`: range(N) -> per-epoch shuffle by seed -> repeat -> fetch
+and tokenize -> batch -> pad. Its state is the index of the next batch, so restoring continues
+at exactly the next example, also across an epoch boundary.
+
+Batches (B batch, T a length from `config.buckets`, the smallest that fits the batch):
+
+kind="sft":      tokens [B, T] right-padded prompt+completion; mask [B, T] 1 on real tokens;
+                 loss_mask [B, T] 1 on completion tokens only; prompt_lens [B]; valid [B];
+                 truncated [B] (1 where the truncation rule cut the example) and skipped [B]
+                 (1 where overlong="skip" left it out), in every kind.
+kind="chat":     multi-turn conversations ("messages"): as "sft", with loss_mask on the
+                 assistant turns only (all of them, or the last with chat_loss_on).
+kind="prompts":  tokens [B, T] left-padded (generation appends on the right); mask [B, T];
+                 positions [B, T] (0 at the first real token); lengths [B]; valid [B].
+kind="pairs":    tokens [2B, T] with the B chosen sequences first, then the B rejected ones,
+                 so one forward pass scores both; mask, loss_mask [2B, T]; prompt_lens [2B];
+                 valid [B]; plus any `extra_fields` as [B] float32 (e.g. gold_chosen).
+
+`loss_mask[b, t]` marks token t as a target: with logits[:, :-1] predicting tokens[:, 1:], weight
+the loss by loss_mask[:, 1:]. Rows of a final partial batch (num_epochs set, no drop) are
+padding with valid=0.
+
+Truncation rule (over-long examples, `overlong="truncate"`): keep the *end* of the prompt (at
+most max_prompt_len tokens, bos kept in front) and the *start* of the response (up to
+max(buckets) tokens in all), so the context nearest the response and the beginning of the
+response survive. `overlong="error"` raises an `OverlongError` (a DataError) naming the source,
+record and field; `overlong="skip"` leaves the example out: its row is empty with valid=0 and
+skipped=1, so shapes and the iterator position stay as they were and the count is in the batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import grain
+import numpy as np
+
+from rlhf_jax.data import records
+from rlhf_jax.data import tokenizer as tokenizer_lib
+from rlhf_jax.data.records import DataError
+
+KINDS = ("sft", "prompts", "pairs", "chat")
+
+
+class OverlongError(DataError):
+    """An example longer than the limits, with `overlong="error"`."""
+
+
+DEFAULT_FIELDS = {
+    "chat": {"messages": "messages"},
+    "sft": {"prompt": "prompt", "completion": "completion"},
+    "prompts": {"prompt": "prompt"},
+    "pairs": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchConfig:
+    """Batching knobs. buckets: allowed sequence lengths T (sorted); the largest is the hard
+    limit. max_prompt_len: prompt budget in tokens. num_epochs=None repeats forever."""
+
+    batch_size: int
+    buckets: tuple[int, ...] = (64,)
+    max_prompt_len: int = 32
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    drop_remainder: bool = True
+    overlong: str = "truncate"
+
+    def __post_init__(self):
+        if self.batch_size <= 0:
+            raise ValueError(f"batch_size={self.batch_size} must be positive")
+        if not self.buckets or list(self.buckets) != sorted(self.buckets):
+            raise ValueError(f"buckets={self.buckets} must be a non-empty increasing tuple")
+        if not 0 < self.max_prompt_len < max(self.buckets):
+            raise ValueError(f"max_prompt_len={self.max_prompt_len} must be in "
+                             f"(0, max(buckets)={max(self.buckets)}) to leave room for a response")
+        if self.overlong not in ("truncate", "error", "skip"):
+            raise ValueError(f"overlong={self.overlong!r}; expected 'truncate', 'error' or "
+                             f"'skip'")
+
+    @property
+    def max_len(self) -> int:
+        """The hard length limit: the largest bucket."""
+        return max(self.buckets)
+
+
+# ---------------------------------------------------------------------------------------------
+# Text -> ids
+# ---------------------------------------------------------------------------------------------
+
+class TextEncoder:
+    """Turns prompt and response text into ids.
+
+    format="plain": prompt = [bos] + encode(prompt); response = encode(response) + [eos].
+    format="chat": the prompt is parsed as an HH-style conversation ("\\n\\nHuman: ..."; other
+    text is one user turn) and encoded with the tokenizer's chat format, ending in the assistant
+    marker; response = encode(response) + [<|end|>, eos].
+    """
+
+    def __init__(self, tokenizer: tokenizer_lib.Tokenizer, *, format: str = "plain",
+                 chat: tokenizer_lib.ChatFormat = tokenizer_lib.DEFAULT_CHAT):
+        if format not in ("plain", "chat"):
+            raise ValueError(f"format={format!r}; expected 'plain' or 'chat'")
+        self.tok, self.format, self.chat = tokenizer, format, chat
+
+    def prompt(self, text: str) -> list[int]:
+        """Prompt text -> ids, starting with bos."""
+        if self.format == "plain":
+            return [self.tok.bos_id] + self.tok.encode(text)
+        messages = records.hh_to_messages(text) if "\n\nHuman:" in text else [
+            {"role": "user", "content": text}]
+        ids, _ = self.tok.encode_chat(messages, loss_on="none", add_generation_prompt=True,
+                                      chat=self.chat)
+        return ids.tolist()
+
+    def response(self, text: str) -> list[int]:
+        """Response text -> ids, ending with eos."""
+        ids = self.tok.encode(text)
+        if self.format == "chat":
+            ids += self.tok.marker_ids(self.chat.end)
+        return ids + [self.tok.eos_id]
+
+
+def truncate(prompt: Sequence[int], response: Sequence[int], *, max_prompt_len: int,
+             max_len: int, bos_id: int | None = None) -> tuple[list[int], list[int]]:
+    """The truncation rule: keep the end of the prompt (<= max_prompt_len tokens, a leading bos
+    kept) and the start of the response (so that prompt + response <= max_len)."""
+    prompt, response = list(prompt), list(response)
+    if len(prompt) > max_prompt_len:
+        if bos_id is not None and prompt and prompt[0] == bos_id:
+            prompt = [bos_id] + prompt[len(prompt) - max_prompt_len + 1:]
+        else:
+            prompt = prompt[len(prompt) - max_prompt_len:]
+    return prompt, response[:max(0, max_len - len(prompt))]
+
+
+def _as_text(value: Any, *, name: str, index: int, field: str) -> str:
+    if isinstance(value, bytes):
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise DataError(file=name, index=index, field=field,
+                            reason="undecodable text (invalid UTF-8)") from None
+    if not isinstance(value, str):
+        raise DataError(file=name, index=index, field=field,
+                        reason=f"expected text, got {type(value).__name__}")
+    return value
+
+
+def _messages(value: Any, *, name: str, index: int, field: str) -> list[dict]:
+    """A conversation as a list of {"role", "content"} dicts, a TFDS Sequence of such dicts
+    (a dict of lists), or HH-style text."""
+    if isinstance(value, (str, bytes)):
+        return records.hh_to_messages(_as_text(value, name=name, index=index, field=field))
+    if isinstance(value, dict):
+        value = [dict(role=r, content=c) for r, c in zip(value["role"], value["content"])]
+    out = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        role = _as_text(m.get("role"), name=name, index=index, field=f"{where}.role")
+        if role not in ("system", "user", "assistant"):
+            raise DataError(file=name, index=index, field=f"{where}.role",
+                            reason=f"unknown role {role!r}")
+        out.append(dict(role=role, content=_as_text(m.get("content"), name=name, index=index,
+                                                    field=f"{where}.content")))
+    if not any(m["role"] == "assistant" for m in out):
+        raise DataError(file=name, index=index, field=field, reason="no assistant turn")
+    return out
+
+
+def _encode_chat_record(index: int, record: dict, *, fields: dict, enc: TextEncoder,
+                        config: BatchConfig, name: str, loss_on: str) -> dict:
+    """A multi-turn conversation -> the same prompt/completion split as "sft", where the
+    "prompt" is everything before the first loss token and "completion_mask" marks which of
+    the rest carry loss (other turns in between do not). The truncation rule applies to that
+    split unchanged."""
+    key = fields["messages"]
+    if key not in record:
+        raise DataError(file=name, index=index, field=key, reason="missing")
+    messages = _messages(record[key], name=name, index=index, field=key)
+    ids, mask = enc.tok.encode_chat(messages, loss_on=loss_on, chat=enc.chat)
+    ids, mask = ids.tolist() + [enc.tok.eos_id], mask.tolist() + [mask[-1]]
+    first = mask.index(1) if 1 in mask else len(ids)
+    prompt, completion, cmask = ids[:first], ids[first:], mask[first:]
+    limit = min(config.max_prompt_len, config.max_len)
+    if config.overlong != "truncate" and (len(prompt) > limit or len(ids) > config.max_len):
+        raise OverlongError(file=name, index=index, field=key,
+                        reason=f"{len(ids)} tokens ({len(prompt)} before the first loss token), "
+                               f"longer than the limits {config.max_len} ({limit})")
+    p, c = truncate(prompt, completion, max_prompt_len=limit, max_len=config.max_len,
+                    bos_id=enc.tok.bos_id)
+    return {"prompt": p, "completion": c, "completion_mask": cmask[:len(c)],
+            "truncated": int(len(p) + len(c) < len(ids))}
+
+
+def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: TextEncoder,
+                   config: BatchConfig, name: str, extra_fields: Sequence[str],
+                   chat_loss_on: str = "all_assistant") -> dict:
+    """One source record -> {"prompt": ids, ("completion" | "chosen"/"rejected"): ids, ...}."""
+    if kind == "chat":
+        return _encode_chat_record(index, record, fields=fields, enc=enc, config=config,
+                                   name=name, loss_on=chat_loss_on)
+
+    def get(role):
+        key = fields[role]
+        if key not in record:
+            raise DataError(file=name, index=index, field=key, reason="missing")
+        return _as_text(record[key], name=name, index=index, field=key)
+
+    prompt = enc.prompt(get("prompt"))
+    limit = min(config.max_prompt_len, config.max_len)
+    if config.overlong != "truncate" and len(prompt) > limit:
+        raise OverlongError(file=name, index=index, field=fields["prompt"],
+                        reason=f"{len(prompt)} tokens, longer than the limit {limit}")
+    if kind == "prompts":
+        kept = truncate(prompt, [], max_prompt_len=limit, max_len=config.max_len,
+                        bos_id=enc.tok.bos_id)[0]
+        return {"prompt": kept, "truncated": int(len(kept) < len(prompt))}
+    out = {}
+    roles = ("completion",) if kind == "sft" else ("chosen", "rejected")
+    for role in roles:
+        response = enc.response(get(role))
+        if config.overlong != "truncate" and len(prompt) + len(response) > config.max_len:
+            raise OverlongError(file=name, index=index, field=fields[role],
+                            reason=f"prompt + response = {len(prompt) + len(response)} tokens, "
+                                   f"longer than the limit {config.max_len}")
+        p, out[role] = truncate(prompt, response, max_prompt_len=limit,
+                                max_len=config.max_len, bos_id=enc.tok.bos_id)
+        cut = len(p) < len(prompt) or len(out[role]) < len(response)
+        out["truncated"] = int(out.get("truncated", 0) or cut)
+    out["prompt"] = p
+    for key in extra_fields:
+        out[key] = np.float32(record[key])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Collation
+# ---------------------------------------------------------------------------------------------
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket >= length (length is already truncated to max(buckets))."""
+    for b in buckets:
+        if b >= length:
+            return b
+    raise ValueError(f"length {length} exceeds the largest bucket {max(buckets)}")
+
+
+def _right_pad(prompts, responses, length, pad_id, response_masks=None):
+    n = len(prompts)
+    tokens = np.full((n, length), pad_id, np.int32)
+    mask = np.zeros((n, length), np.int32)
+    loss_mask = np.zeros((n, length), np.int32)
+    for b, (p, r) in enumerate(zip(prompts, responses)):
+        tokens[b, :len(p) + len(r)] = p + r
+        mask[b, :len(p) + len(r)] = 1
+        loss_mask[b, len(p):len(p) + len(r)] = 1 if response_masks is None else response_masks[b]
+    return tokens, mask, loss_mask, np.array([len(p) for p in prompts], np.int32)
+
+
+def collate(examples: Sequence[dict | None], *, kind: str, batch_size: int,
+            buckets: Sequence[int], pad_id: int, extra_fields: Sequence[str] = ()) -> dict:
+    """Encoded examples -> one fixed-shape numpy batch (see the module docstring). `None`
+    entries (skipped examples) and a short list are filled with empty rows marked valid=0."""
+    valid = np.zeros(batch_size, np.int32)
+    skipped = np.zeros(batch_size, np.int32)
+    for b, ex in enumerate(examples):
+        valid[b], skipped[b] = int(ex is not None), int(ex is None)
+    # An empty row: a lone pad as prompt keeps shapes and masks well-defined.
+    blank = {"prompt": [pad_id], "completion": [], "chosen": [], "rejected": [],
+             "completion_mask": [], "truncated": 0, **{k: np.float32(0) for k in extra_fields}}
+    rows = [blank if ex is None else ex for ex in examples]
+    rows += [blank] * (batch_size - len(rows))
+    truncated = np.array([r["truncated"] for r in rows], np.int32)
+    if kind == "prompts":
+        prompts = [r["prompt"] for r in rows]
+        length = bucket_length(max(len(p) for p in prompts), buckets)
+        tokens = np.full((batch_size, length), pad_id, np.int32)
+        mask = np.zeros((batch_size, length), np.int32)
+        for b, p in enumerate(prompts):
+            tokens[b, length - len(p):] = p
+            mask[b, length - len(p):] = 1
+        mask[valid == 0] = 0
+        positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
+        return dict(tokens=tokens, mask=mask, positions=positions,
+                    lengths=mask.sum(1).astype(np.int32), valid=valid, truncated=truncated,
+                    skipped=skipped)
+    response_masks = None
+    if kind in ("sft", "chat"):
+        prompts, responses = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+        if kind == "chat":
+            response_masks = [r["completion_mask"] for r in rows]
+    else:
+        prompts = [r["prompt"] for r in rows] * 2
+        responses = [r["chosen"] for r in rows] + [r["rejected"] for r in rows]
+    length = bucket_length(max(len(p) + len(r) for p, r in zip(prompts, responses)), buckets)
+    tokens, mask, loss_mask, prompt_lens = _right_pad(prompts, responses, length, pad_id,
+                                                      response_masks)
+    row_valid = valid if kind != "pairs" else np.concatenate([valid, valid])
+    mask[row_valid == 0] = 0
+    out = dict(tokens=tokens, mask=mask, loss_mask=loss_mask, prompt_lens=prompt_lens,
+               valid=valid, truncated=truncated, skipped=skipped)
+    for key in extra_fields:
+        out[key] = np.array([r[key] for r in rows], np.float32)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The iterator
+# ---------------------------------------------------------------------------------------------
+
+class BatchIterator:
+    """Iterator over batches with `get_state()` / `set_state()` for checkpoints.
+
+    The state is {"next_batch": int, "fingerprint": {...}}; restoring into an iterator built with
+    a different seed, batch size, kind or source length is refused with what differs.
+    """
+
+    def __init__(self, dataset: grain.MapDataset, *, fingerprint: dict, num_examples: int,
+                 batch_size: int):
+        self._dataset = dataset
+        self._it = iter(dataset)
+        self.fingerprint = fingerprint
+        self.num_examples, self.batch_size = num_examples, batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> dict:
+        return next(self._it)
+
+    def get_state(self) -> dict:
+        """The position as a small JSON-able dict, for a checkpoint."""
+        return {"next_batch": int(self._it.get_state()["next_index"]),
+                "fingerprint": dict(self.fingerprint)}
+
+    def set_state(self, state: dict) -> None:
+        """Continues from a `get_state()` result, after checking the fingerprint."""
+        theirs = state.get("fingerprint", {})
+        diff = {k: (theirs.get(k), v) for k, v in self.fingerprint.items() if theirs.get(k) != v}
+        if diff:
+            raise ValueError(f"iterator state was saved with a different pipeline "
+                             f"(saved, current): {diff}")
+        self._it.set_state({"next_index": int(state["next_batch"])})
+
+    @property
+    def epoch(self) -> float:
+        """Epochs consumed so far (fractional)."""
+        return self._it.get_state()["next_index"] * self.batch_size / self.num_examples
+
+
+def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.Tokenizer,
+                  config: BatchConfig, fields: dict | None = None, format: str = "plain",
+                  extra_fields: Sequence[str] = (), name: str = "source",
+                  encoder: Callable | None = None,
+                  chat_loss_on: str = "all_assistant") -> BatchIterator:
+    """Batches from any random-access source (a TFDS `as_data_source()` split, a list of dicts).
+
+    kind: "sft", "prompts", "pairs" or "chat". fields: record keys for the roles of `kind`
+    (defaults: prompt / completion / chosen / rejected / messages). format: see `TextEncoder`.
+    chat_loss_on: for kind="chat", "all_assistant" or "last_assistant" turns carry the loss.
+    extra_fields: numeric record fields passed through as [B] float32 (pairs, sft).
+    name: used in error messages (e.g. "rlhf_hh_pairs/train").
+    """
+    if kind not in KINDS:
+        raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
+    fields = {**DEFAULT_FIELDS[kind], **(fields or {})}
+    enc = encoder or TextEncoder(tokenizer, format=format)
+    n = len(source)
+    if n == 0:
+        raise ValueError(f"{name} is empty")
+
+    def fetch(index):
+        index = int(index)
+        try:
+            return _encode_record(index, source[index], kind=kind, fields=fields, enc=enc,
+                                  config=config, name=name, extra_fields=extra_fields,
+                                  chat_loss_on=chat_loss_on)
+        except OverlongError:
+            if config.overlong == "skip":
+                return None   # collate turns it into an empty row with skipped=1
+            raise
+
+    ds = grain.MapDataset.range(n)
+    if config.shuffle:
+        # A fresh permutation every epoch, all derived from config.seed.
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs).map(fetch)
+    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder,
+                  batch_fn=lambda xs: collate(xs, kind=kind, batch_size=config.batch_size,
+                                              buckets=config.buckets, pad_id=tokenizer.pad_id,
+                                              extra_fields=extra_fields))
+    fingerprint = dict(kind=kind, num_examples=n, batch_size=config.batch_size,
+                       seed=config.seed, shuffle=config.shuffle, buckets=list(config.buckets))
+    return BatchIterator(ds, fingerprint=fingerprint, num_examples=n,
+                         batch_size=config.batch_size)
