@@ -16,7 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from rlhf_jax import registry
-from rlhf_jax.aggregation import masked_mean
+from rlhf_jax.aggregation import last_token_index, masked_mean
 from rlhf_jax.kl import estimate
 
 
@@ -137,13 +137,6 @@ def whiten(x, mask=None, shift_mean=True, eps=1e-8):
     if not shift_mean:
         out = out + mean
     return out * m
-
-
-def last_token_index(mask):
-    """Index of the last valid token of each row. mask [B, T] -> [B] int32 (0 for empty rows)."""
-    m = jnp.asarray(mask) > 0
-    t = m.shape[-1]
-    return jnp.where(jnp.any(m, axis=-1), t - 1 - jnp.argmax(m[:, ::-1], axis=-1), 0)
 
 
 def kl_shaped_rewards(*, scores, logps, ref_logps, mask, kl_coef, estimator="k1"):

@@ -82,6 +82,13 @@ def aggregate(per_token, mask, mode="token_mean", *, normalizer=None):
     return jnp.where(denom > 0, total / jnp.where(denom > 0, denom, 1.0), 0.0)
 
 
+def last_token_index(mask):
+    """Index of the last valid token of each row, for any padding side. mask [B, T] -> [B] int32
+    (0 for a row with no valid token)."""
+    t = jnp.shape(mask)[-1]
+    return jnp.max(jnp.where(jnp.asarray(mask) > 0, jnp.arange(t), 0), axis=-1).astype(jnp.int32)
+
+
 def masked_mean(x, mask):
     """Mean of x over mask (any shape); 0 when the mask is empty. For metrics."""
     total, count = token_mean(x, mask)

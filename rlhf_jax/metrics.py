@@ -75,8 +75,9 @@ class MetricsWriter:
 def read_metrics(path) -> list[dict[str, float]]:
     """Reads a metrics.jsonl file (or the directory holding one), one dict per step, by step.
 
-    When a step appears more than once (a stage resumed from a checkpoint older than its last
-    logged step), the last line written for it wins.
+    Lines of the same step are merged (a step may log training and evaluation metrics
+    separately); when a key repeats for a step (a stage resumed from a checkpoint older than its
+    last logged step), the last line written wins.
     """
     path = Path(path)
     if path.is_dir():
@@ -90,7 +91,7 @@ def read_metrics(path) -> list[dict[str, float]]:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
                 raise ValueError(f"{path}:{number}: not a JSON line ({e.msg})") from e
-            by_step[record["step"]] = record
+            by_step.setdefault(record["step"], {}).update(record)
     return [by_step[s] for s in sorted(by_step)]
 
 

@@ -28,8 +28,10 @@ def test_resumed_run_supersedes_repeated_steps(tmp_path):
     with MetricsWriter(tmp_path, tensorboard=False) as w:  # resumed from step 2's checkpoint
         w.write(3, {"loss": 30.0})
         w.write(4, {"loss": 40.0})
-    assert [(r["step"], r["loss"]) for r in read_metrics(tmp_path)] == [
-        (1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+        w.write(4, {"eval/acc": 0.5})  # a second line for the same step adds its keys
+    rows = read_metrics(tmp_path)
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0), (4, 40.0)]
+    assert rows[-1]["eval/acc"] == 0.5
 
 
 def test_bad_metrics_and_bad_lines(tmp_path):

@@ -1,0 +1,35 @@
+"""Supervised fine-tuning on the synthetic testbed (or any prepared TFDS SFT dataset).
+
+    python -m experiments.sft --workdir runs/sft
+    python -m experiments.sft --workdir runs/sft --config.size=smoke      # ~20 s on 2 cores
+
+Writes WORKDIR/sft/: Orbax checkpoints (params, optimizer state, data position, model config,
+tokenizer), metrics.jsonl and TensorBoard events. Re-running the command resumes from the
+latest checkpoint. Expected: the held-out completion NLL (eval/sft_loss in metrics.jsonl)
+falls from ~5.6 (uniform over 281 tokens) to ~2.5 at the default size.
+"""
+
+from rlhf_jax import experiment
+from rlhf_jax.trainers import sft
+
+
+def get_config(size: str = "default"):
+    config = sft.default_config()
+    config.size = size
+    if size == "smoke":
+        config.model.update(d_model=32, n_layers=1, n_heads=2, n_kv_heads=2, d_ff=64)
+        config.data.update(n_train=512, n_test=64, batch_size=16)
+        config.steps, config.log_every, config.save_every, config.eval_batches = 24, 4, 8, 1
+    elif size != "default":
+        raise ValueError(f"size={size!r}; choose 'default' or 'smoke'")
+    return config
+
+
+def main(config, workdir):
+    stage_dir = sft.train(config, workdir)
+    print(f"sft: checkpoints and metrics in {stage_dir}")
+    return stage_dir
+
+
+if __name__ == "__main__":
+    experiment.run(get_config, main)

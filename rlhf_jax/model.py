@@ -1,0 +1,623 @@
+"""Decoder-only transformer (Flax NNX) with a scalar reward head and a per-token value head.
+
+The modules are ordinary `flax.nnx` modules, but the rest of the codebase uses them functionally:
+`nnx.split(model)` gives a static `graphdef` and a `params` state (a pytree of arrays), and the
+pure functions below (`apply`, `apply_reward`, `apply_value`, `decode_step`) merge them back
+inside a trace. Train and sampling steps are therefore plain `jax.jit` functions of pytrees, so
+they can be sharded (see `sharding.py`), donated and checkpointed as ordinary state.
+
+Every parameter carries a `logical_axes` metadata tuple (names from `LOGICAL_AXES`), e.g. the
+query projection kernel [D, H, K] has `("embed", "heads", "kv")`. `sharding.py` maps these names
+to mesh axes through a rules table; the model never mentions a mesh.
+
+Parameter paths are regular so that GPT-2 and Llama checkpoints can be converted later:
+
+    embed/embedding                     [V, D]      (vocab, embed)
+    pos_embed/embedding                 [L, D]      (None, embed)       position == "learned"
+    layers_{i}/attn_norm/scale (/bias)  [D]         (norm,)
+    layers_{i}/attn/{q,k,v}_proj/kernel [D, H|Hkv, K]
+    layers_{i}/attn/o_proj/kernel       [H, K, D]
+    layers_{i}/mlp_norm/scale (/bias)   [D]
+    layers_{i}/mlp/{gate,up}_proj/kernel [D, F]     (embed, mlp)        gate only for swiglu
+    layers_{i}/mlp/down_proj/kernel     [F, D]      (mlp, embed)
+    final_norm/scale (/bias)            [D]
+    lm_head/kernel                      [D, V]      (embed, vocab)      untied embeddings only
+
+Axis letters: B batch, T tokens (queries), S key/cache length, D model width, V vocab, H query
+heads, G kv heads (grouped-query attention), K head dim, F feed-forward width, L max length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from rlhf_jax.aggregation import last_token_index
+from rlhf_jax.losses import token_entropy
+
+# The logical axis vocabulary. `sharding.DEFAULT_RULES` maps each to a mesh axis or None.
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "kv", "norm", "pos")
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name_or_dtype):
+    if isinstance(name_or_dtype, str):
+        return _DTYPES[name_or_dtype]
+    return name_or_dtype
+
+
+# ----------------------------------------------------------------------------------------------
+# Config and presets
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture of the decoder-only transformer.
+
+    The switches (norm, position, activation, tie_embeddings, use_bias) cover both GPT-2-style
+    (layernorm, learned positions, gelu, tied, biases) and Llama-style (rmsnorm, rope, swiglu,
+    untied, no biases, grouped-query attention) checkpoints.
+    """
+
+    vocab_size: int = 64
+    d_model: int = 32
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 2          # grouped-query attention: each kv head serves n_heads/n_kv_heads
+    d_ff: int = 64
+    max_len: int = 128
+    norm: str = "rmsnorm"        # "rmsnorm" | "layernorm"
+    position: str = "rope"       # "rope" | "learned"
+    activation: str = "swiglu"   # "swiglu" | "gelu" (tanh approximation, as GPT-2)
+    tie_embeddings: bool = False
+    use_bias: bool = False       # biases on projections (GPT-2 has them, Llama does not)
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    init_std: float = 0.02
+    param_dtype: str = "float32"
+    dtype: str = "float32"       # compute dtype; "bfloat16" on accelerators (params stay fp32)
+
+    def __post_init__(self):
+        problems = []
+        if self.d_model % self.n_heads:
+            problems.append(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if self.n_heads % self.n_kv_heads:
+            problems.append(
+                f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
+        if self.norm not in ("rmsnorm", "layernorm"):
+            problems.append(f"norm={self.norm!r}; choose 'rmsnorm' or 'layernorm'")
+        if self.position not in ("rope", "learned"):
+            problems.append(f"position={self.position!r}; choose 'rope' or 'learned'")
+        if self.activation not in ("swiglu", "gelu"):
+            problems.append(f"activation={self.activation!r}; choose 'swiglu' or 'gelu'")
+        if self.position == "rope" and self.head_dim % 2:
+            problems.append(f"rope needs an even head dim, got {self.head_dim}")
+        for field in ("param_dtype", "dtype"):
+            if getattr(self, field) not in _DTYPES:
+                problems.append(f"{field}={getattr(self, field)!r}; choose one of {list(_DTYPES)}")
+        if problems:
+            raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+PRESETS = {
+    # Unit tests: tiny and fast on 2 CPU cores.
+    "tiny": ModelConfig(),
+    "tiny_gpt2": ModelConfig(norm="layernorm", position="learned", activation="gelu",
+                             tie_embeddings=True, use_bias=True, n_kv_heads=4),
+    # Benchmark sizes (tools/bench.py).
+    "small": ModelConfig(vocab_size=4096, d_model=256, n_layers=4, n_heads=4, n_kv_heads=4,
+                         d_ff=1024, max_len=256),
+    "medium": ModelConfig(vocab_size=4096, d_model=512, n_layers=8, n_heads=8, n_kv_heads=8,
+                          d_ff=2048, max_len=256),
+    # Shapes of public checkpoints, for converters.
+    "gpt2": ModelConfig(vocab_size=50257, d_model=768, n_layers=12, n_heads=12, n_kv_heads=12,
+                        d_ff=3072, max_len=1024, norm="layernorm", position="learned",
+                        activation="gelu", tie_embeddings=True, use_bias=True),
+    "llama_1b": ModelConfig(vocab_size=128256, d_model=2048, n_layers=16, n_heads=32,
+                            n_kv_heads=8, d_ff=8192, max_len=8192, rope_theta=500000.0,
+                            tie_embeddings=True, dtype="bfloat16"),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+    """A preset `ModelConfig` by name (see `PRESETS`), with optional field overrides."""
+    if name not in PRESETS:
+        raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+    return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
+
+
+# ----------------------------------------------------------------------------------------------
+# Building blocks
+# ----------------------------------------------------------------------------------------------
+
+
+def _param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype) -> nnx.Param:
+    """A parameter drawn from N(0, std^2) (zeros when std == 0) tagged with logical axes."""
+    if std == 0.0:
+        value = jnp.zeros(shape, dtype)
+    else:
+        value = std * jax.random.normal(rngs.params(), shape, dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class DenseGeneral(nnx.Module):
+    """y = einsum(x, kernel) (+ bias): a projection whose kernel keeps its head structure.
+
+    `in_axes` and `out_axes` are the logical names of the contracted and produced kernel axes,
+    e.g. ("embed",) -> ("heads", "kv") for a query projection of kernel shape [D, H, K].
+    """
+
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias, std, cfg, rngs):
+        self.n_in = len(in_shape)
+        self.dtype = _dtype(cfg.dtype)
+        pdt = _dtype(cfg.param_dtype)
+        self.kernel = _param(rngs, (*in_shape, *out_shape), (*in_axes, *out_axes), std=std,
+                             dtype=pdt)
+        self.bias = (nnx.Param(jnp.zeros(out_shape, pdt), logical_axes=tuple(out_axes))
+                     if use_bias else None)
+
+    def __call__(self, x):
+        """x: [..., *in_shape] -> [..., *out_shape] in the compute dtype."""
+        kernel = self.kernel[...].astype(self.dtype)
+        n_batch = x.ndim - self.n_in
+        contract = (tuple(range(n_batch, x.ndim)), tuple(range(self.n_in)))
+        y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Norm(nnx.Module):
+    """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016), computed in float32."""
+
+    def __init__(self, cfg: ModelConfig):
+        pdt = _dtype(cfg.param_dtype)
+        self.kind = cfg.norm
+        self.eps = cfg.norm_eps
+        self.dtype = _dtype(cfg.dtype)
+        self.scale = nnx.Param(jnp.ones((cfg.d_model,), pdt), logical_axes=("norm",))
+        self.bias = (nnx.Param(jnp.zeros((cfg.d_model,), pdt), logical_axes=("norm",))
+                     if cfg.norm == "layernorm" else None)
+
+    def __call__(self, x):
+        """Normalise over the last axis (D); returns the compute dtype."""
+        # Statistics in float32: bf16 mean/variance over D loses several bits.
+        x32 = x.astype(jnp.float32)
+        if self.kind == "layernorm":
+            x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+        y = y * self.scale[...].astype(jnp.float32)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(jnp.float32)
+        return y.astype(self.dtype)
+
+
+def rope(x_btnk, positions_bt, theta: float):
+    """Rotary position embedding (Su et al. 2021, eq. 34), rotate-half layout as in Llama.
+
+    x: [B, T, N, K] (N any number of heads), positions: [B, T] int. Rotation in float32.
+    """
+    k = x_btnk.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))      # [K/2]
+    angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq                 # [B, T, K/2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x32 = x_btnk.astype(jnp.float32)
+    x1, x2 = x32[..., : k // 2], x32[..., k // 2:]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x_btnk.dtype)
+
+
+class Attention(nnx.Module):
+    """Multi-head causal self-attention with grouped-query heads (Ainslie et al. 2023)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        std = cfg.init_std
+        # Residual-branch output projections are scaled by 1/sqrt(2 n_layers) (GPT-2, sec. 2.3).
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        kw = dict(use_bias=cfg.use_bias, cfg=cfg, rngs=rngs)
+        self.q_proj = DenseGeneral((d,), (h, k), ("embed",), ("heads", "kv"), std=std, **kw)
+        self.k_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std, **kw)
+        self.v_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std, **kw)
+        self.o_proj = DenseGeneral((h, k), (d,), ("heads", "kv"), ("embed",), std=out_std, **kw)
+        self.n_heads, self.n_kv_heads, self.head_dim = h, g, k
+        self.position = cfg.position
+        self.theta = cfg.rope_theta
+        self.dtype = _dtype(cfg.dtype)
+
+    def __call__(self, x_btd, positions_bt, allowed_bts, cache=None, cache_index=None):
+        """x: [B, T, D]; allowed: [B, T, S] bool (True where query t may attend key s).
+
+        Without a cache S == T. With a cache (dict k, v: [B, G, S, K]) the new keys/values are
+        written at [cache_index, cache_index + T) and attention runs over the whole cache.
+        Returns (y [B, T, D], updated cache or None).
+        """
+        q = self.q_proj(x_btd)                     # [B, T, H, K]
+        k = self.k_proj(x_btd)                     # [B, T, G, K]
+        v = self.v_proj(x_btd)
+        if self.position == "rope":
+            q = rope(q, positions_bt, self.theta)
+            k = rope(k, positions_bt, self.theta)
+        # Heads-major [B, G, T, K] layout: the cache is stored the way the attention matmuls
+        # read it, so a decode step writes one slot instead of transposing the whole cache.
+        k = jnp.swapaxes(k, 1, 2)
+        v = jnp.swapaxes(v, 1, 2)
+        if cache is not None:
+            idx = (0, 0, cache_index, 0)
+            k = jax.lax.dynamic_update_slice(cache["k"], k.astype(cache["k"].dtype), idx)
+            v = jax.lax.dynamic_update_slice(cache["v"], v.astype(cache["v"].dtype), idx)
+            cache = {"k": k, "v": v}
+        b, t = q.shape[:2]
+        groups = self.n_heads // self.n_kv_heads
+        # Group query heads by the kv head they share: [B, G, R, T, K], R = H / G.
+        q = q.reshape(b, t, self.n_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
+        q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
+        scores = jnp.einsum("bgrtk,bgsk->bgrts", q, k.astype(q.dtype),
+                            preferred_element_type=jnp.float32)
+        # A finite fill (not -inf) keeps fully masked rows (left-pad queries) NaN-free; their
+        # outputs are garbage but masked everywhere downstream.
+        scores = jnp.where(allowed_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(self.dtype)
+        out = jnp.einsum("bgrts,bgsk->btgrk", probs, v.astype(self.dtype))
+        out = out.reshape(b, t, self.n_heads, self.head_dim)
+        return self.o_proj(out), cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU (Shazeer 2020) or GELU (Hendrycks & Gimpel 2016, tanh form as GPT-2) MLP."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        d, f = cfg.d_model, cfg.d_ff
+        out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        kw = dict(use_bias=cfg.use_bias, cfg=cfg, rngs=rngs)
+        self.activation = cfg.activation
+        self.gate_proj = (DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **kw)
+                          if cfg.activation == "swiglu" else None)
+        self.up_proj = DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **kw)
+        self.down_proj = DenseGeneral((f,), (d,), ("mlp",), ("embed",), std=out_std, **kw)
+
+    def __call__(self, x_btd):
+        """[B, T, D] -> [B, T, D]."""
+        if self.activation == "swiglu":
+            h = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        else:
+            h = jax.nn.gelu(self.up_proj(x_btd), approximate=True)
+        return self.down_proj(h)
+
+
+class Block(nnx.Module):
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.attn_norm = Norm(cfg)
+        self.attn = Attention(cfg, rngs=rngs)
+        self.mlp_norm = Norm(cfg)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, x, positions, allowed, cache=None, cache_index=None):
+        """x: [B, T, D] -> (x [B, T, D], this layer's updated cache or None)."""
+        y, cache = self.attn(self.attn_norm(x), positions, allowed, cache, cache_index)
+        x = x + y
+        x = x + self.mlp(self.mlp_norm(x))
+        return x, cache
+
+
+def default_positions(mask_bt):
+    """Positions for (left- or right-) padded rows: cumsum(mask) - 1, clipped at 0. [B, T] int32.
+
+    A left-padded prompt then starts at position 0 at its first real token, so RoPE/learned
+    positions match an unpadded forward pass of the same text.
+    """
+    return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Models
+# ----------------------------------------------------------------------------------------------
+
+
+class Transformer(nnx.Module):
+    """Decoder-only language model. `lm_head=False` builds a backbone without the unembedding
+    (used inside reward models and critics; with tied embeddings nothing changes)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lm_head: bool = True):
+        self.cfg = cfg
+        pdt = _dtype(cfg.param_dtype)
+        self.dtype = _dtype(cfg.dtype)
+        self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, param_dtype=pdt, dtype=self.dtype,
+                               embedding_init=jax.nn.initializers.normal(cfg.init_std),
+                               rngs=rngs)
+        self.embed.embedding.set_metadata(logical_axes=("vocab", "embed"))
+        if cfg.position == "learned":
+            self.pos_embed = nnx.Embed(cfg.max_len, cfg.d_model, param_dtype=pdt,
+                                       dtype=self.dtype,
+                                       embedding_init=jax.nn.initializers.normal(0.01),
+                                       rngs=rngs)
+            self.pos_embed.embedding.set_metadata(logical_axes=("pos", "embed"))
+        else:
+            self.pos_embed = None
+        for i in range(cfg.n_layers):
+            setattr(self, f"layers_{i}", Block(cfg, rngs=rngs))
+        self.final_norm = Norm(cfg)
+        if lm_head and not cfg.tie_embeddings:
+            self.lm_head = DenseGeneral((cfg.d_model,), (cfg.vocab_size,), ("embed",),
+                                        ("vocab",), use_bias=False, std=cfg.init_std, cfg=cfg,
+                                        rngs=rngs)
+        else:
+            self.lm_head = None
+        self.has_lm_head = lm_head
+
+    def layers(self):
+        """The transformer blocks in order (attributes `layers_0` ... `layers_{n-1}`)."""
+        return [getattr(self, f"layers_{i}") for i in range(self.cfg.n_layers)]
+
+    def hidden_states(self, tokens_bt, *, mask_bt=None, positions_bt=None, cache=None,
+                      cache_index=None, kv_mask_bs=None):
+        """Final (normed) hidden states [B, T, D] (and the updated cache, if one is given).
+
+        Training/prefill without a cache: attention is causal and keys where `mask_bt` is 0 are
+        ignored. With a cache (list of per-layer dicts, k/v [B, G, S, K]) the T new tokens sit
+        at cache slots [cache_index, cache_index + T); `kv_mask_bs` [B, S] marks which slots
+        hold real tokens (including the new ones) and a query at slot i sees slots <= i.
+        """
+        b, t = tokens_bt.shape
+        if mask_bt is None:
+            mask_bt = jnp.ones((b, t), jnp.bool_)
+        mask_bt = mask_bt.astype(jnp.bool_)
+        if positions_bt is None:
+            positions_bt = default_positions(mask_bt)
+        if cache is None:
+            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
+            allowed = causal[None] & mask_bt[:, None, :]                      # [B, T, T]
+        else:
+            s = cache[0]["k"].shape[2]
+            q_slot = cache_index + jnp.arange(t)
+            causal = q_slot[:, None] >= jnp.arange(s)[None, :]                 # [T, S]
+            allowed = causal[None] & kv_mask_bs.astype(jnp.bool_)[:, None, :]  # [B, T, S]
+        x = self.embed(tokens_bt)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed(positions_bt)
+        new_cache = []
+        for i, layer in enumerate(self.layers()):
+            x, c = layer(x, positions_bt, allowed, None if cache is None else cache[i],
+                         cache_index)
+            new_cache.append(c)
+        x = self.final_norm(x)
+        return (x, None) if cache is None else (x, new_cache)
+
+    def logits(self, hidden_btd):
+        """Unembedding [B, T, D] -> [B, T, V]; logits are returned in float32."""
+        if self.lm_head is not None:
+            kernel = self.lm_head.kernel[...].astype(self.dtype)
+            return jnp.einsum("btd,dv->btv", hidden_btd, kernel,
+                              preferred_element_type=jnp.float32)
+        if not self.has_lm_head and not self.cfg.tie_embeddings:
+            raise ValueError("This Transformer was built with lm_head=False (a backbone)")
+        table = self.embed.embedding[...].astype(self.dtype)
+        return jnp.einsum("btd,vd->btv", hidden_btd, table, preferred_element_type=jnp.float32)
+
+    def __call__(self, tokens_bt, *, mask_bt=None, positions_bt=None):
+        """Training forward: returns (logits [B, T, V] float32, hidden [B, T, D])."""
+        hidden, _ = self.hidden_states(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+        return self.logits(hidden), hidden
+
+    def init_cache(self, batch_size: int, length: int, dtype=None):
+        """Zero KV cache: a list (one per layer) of {k, v: [B, G, S, K]} in the compute dtype."""
+        cfg = self.cfg
+        shape = (batch_size, cfg.n_kv_heads, length, cfg.head_dim)
+        dt = self.dtype if dtype is None else dtype
+        return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+                for _ in range(cfg.n_layers)]
+
+
+class RewardModel(nnx.Module):
+    """r_phi(x, y): backbone + scalar head on the hidden state of the last non-pad token (the
+    EOS position). Head init N(0, 1/(D + 1)) as in Stiennon et al. 2020 / Ouyang et al. 2022
+    (the OpenAI lm-human-preferences reward head), bias zero."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.backbone = Transformer(cfg, rngs=rngs, lm_head=False)
+        self.head = DenseGeneral((cfg.d_model,), (), ("embed",), (), use_bias=True,
+                                 std=1.0 / math.sqrt(cfg.d_model + 1), cfg=cfg, rngs=rngs)
+
+    def __call__(self, tokens_bt, *, mask_bt, positions_bt=None):
+        """Rewards [B] (float32) read at the last non-pad token of each row."""
+        hidden, _ = self.backbone.hidden_states(tokens_bt, mask_bt=mask_bt,
+                                                positions_bt=positions_bt)
+        idx = last_token_index(mask_bt)
+        last = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]   # [B, D]
+        return self.head(last).astype(jnp.float32)
+
+
+class ValueModel(nnx.Module):
+    """PPO critic V(s_t): backbone + per-token scalar head initialised at zero, so the first
+    value estimates are 0 and early advantages equal the returns (a common critic init; see
+    docs/implementation_details.md)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.backbone = Transformer(cfg, rngs=rngs, lm_head=False)
+        self.head = DenseGeneral((cfg.d_model,), (), ("embed",), (), use_bias=True, std=0.0,
+                                 cfg=cfg, rngs=rngs)
+
+    def __call__(self, tokens_bt, *, mask_bt, positions_bt=None):
+        """Values [B, T] (float32); value at t estimates the return after token t."""
+        hidden, _ = self.backbone.hidden_states(tokens_bt, mask_bt=mask_bt,
+                                                positions_bt=positions_bt)
+        return self.head(hidden).astype(jnp.float32)
+
+
+# ----------------------------------------------------------------------------------------------
+# Functional interface
+# ----------------------------------------------------------------------------------------------
+
+
+def create(cfg: ModelConfig, *, seed: int = 0, kind: str = "policy"):
+    """Build a model and split it: returns (graphdef, params).
+
+    kind: "policy" (Transformer), "reward" (RewardModel) or "value" (ValueModel).
+    For sharded initialisation use `sharding.init_sharded(lambda: build(...), ...)`.
+    """
+    return nnx.split(build(cfg, seed=seed, kind=kind))
+
+
+def build(cfg: ModelConfig, *, seed: int = 0, kind: str = "policy") -> nnx.Module:
+    """Construct the NNX module of the given kind ("policy" | "reward" | "value")."""
+    rngs = nnx.Rngs(params=seed)
+    if kind == "policy":
+        return Transformer(cfg, rngs=rngs)
+    if kind == "reward":
+        return RewardModel(cfg, rngs=rngs)
+    if kind == "value":
+        return ValueModel(cfg, rngs=rngs)
+    raise ValueError(f"Unknown model kind {kind!r}; choose 'policy', 'reward' or 'value'")
+
+
+def apply(graphdef, params, tokens_bt, *, mask_bt=None, positions_bt=None):
+    """Pure policy forward: (logits [B, T, V] float32, hidden [B, T, D]). Jit-friendly with
+    `graphdef` static (e.g. via functools.partial or a closure)."""
+    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+
+
+def apply_reward(graphdef, params, tokens_bt, *, mask_bt, positions_bt=None):
+    """Pure reward-model forward: rewards [B] float32."""
+    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+
+
+def apply_value(graphdef, params, tokens_bt, *, mask_bt, positions_bt=None):
+    """Pure critic forward: values [B, T] float32."""
+    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+
+
+def init_head_model_from_policy(*, head_params, policy_params):
+    """Copy a policy's backbone weights into a reward model's or critic's params.
+
+    head_params: state of a RewardModel/ValueModel (its `backbone` subtree is replaced);
+    policy_params: state of a Transformer of the same ModelConfig. The policy's untied
+    `lm_head` has no counterpart in the backbone and is dropped; the head keeps its own init.
+    Returns new params (inputs are not modified).
+    """
+    policy = nnx.to_pure_dict(policy_params)
+    target = nnx.to_pure_dict(head_params)
+    backbone = target["backbone"]
+
+    def copy(dst, src, path):
+        out = {}
+        for key, value in dst.items():
+            if key not in src:
+                raise ValueError(f"policy params lack {'/'.join(map(str, path + (key,)))}; "
+                                 "build both models from the same ModelConfig")
+            if isinstance(value, dict):
+                out[key] = copy(value, src[key], path + (key,))
+            else:
+                if value.shape != src[key].shape:
+                    raise ValueError(f"shape mismatch at {'/'.join(map(str, path + (key,)))}: "
+                                     f"{value.shape} vs policy {src[key].shape}")
+                out[key] = src[key]
+        return out
+
+    target["backbone"] = copy(backbone, policy, ("backbone",))
+    new_params = jax.tree.map(lambda x: x, head_params)   # a structural copy to fill in
+    nnx.replace_by_pure_dict(new_params, target)
+    return new_params
+
+
+def _scaled(logits_btv, temperature):
+    z = logits_btv.astype(jnp.float32)
+    return z if temperature == 1.0 else z / temperature   # static: no [B, T, V] pass at 1.0
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _selective_logprobs(logits_btv, tokens_bt, temperature):
+    z = _scaled(logits_btv, temperature)
+    chosen = jnp.take_along_axis(z, tokens_bt[..., None], axis=-1)[..., 0]
+    return chosen - jax.nn.logsumexp(z, axis=-1)
+
+
+def _selective_logprobs_fwd(logits_btv, tokens_bt, temperature):
+    z = _scaled(logits_btv, temperature)
+    chosen = jnp.take_along_axis(z, tokens_bt[..., None], axis=-1)[..., 0]
+    lse = jax.nn.logsumexp(z, axis=-1)
+    # Residuals: the caller's logits (alive anyway), not an fp32/softmax copy of them.
+    return chosen - lse, (logits_btv, tokens_bt, lse)
+
+
+def _selective_logprobs_bwd(temperature, residuals, g_bt):
+    logits_btv, tokens_bt, lse = residuals
+    z = _scaled(logits_btv, temperature)
+    # d/dz [z_y - logsumexp(z)] = onehot(y) - softmax(z). Written as one elementwise
+    # expression (iota == y) so XLA fuses it; autodiff of the gather would scatter-add instead.
+    onehot = jax.lax.broadcasted_iota(jnp.int32, z.shape, z.ndim - 1) == tokens_bt[..., None]
+    dz = g_bt[..., None] * (onehot.astype(jnp.float32) - jnp.exp(z - lse[..., None]))
+    return _scaled(dz, temperature).astype(logits_btv.dtype), None
+
+
+_selective_logprobs.defvjp(_selective_logprobs_fwd, _selective_logprobs_bwd)
+
+
+def token_logprobs(logits_btv, tokens_bt, mask_bt=None, *, temperature: float = 1.0):
+    """log softmax(logits / temperature)[token], per token, in float32. Shapes: [B, T, V],
+    [B, T] -> [B, T].
+
+    Alignment: this function does NOT shift. `logits[:, t]` is scored against `tokens[:, t]`.
+    A causal LM's logits at position t predict token t + 1, so for a sequence `seq` the caller
+    passes `token_logprobs(logits[:, :-1], seq[:, 1:], mask[:, 1:])`. (Shifting the [B, T]
+    tokens instead, `targets = concat(seq[:, 1:], pad)` with the last mask column 0, avoids
+    slicing and, in the backward pass, re-padding the [B, T, V] logits.)
+
+    Selective log-softmax: the chosen logit is gathered and logsumexp subtracted, so no
+    [B, T, V] log-softmax is materialised; the custom gradient onehot - softmax is one fused
+    elementwise pass (no scatter) and keeps only the logits and a [B, T] logsumexp as
+    residuals. Differentiable in `logits` only. Masked positions return 0.
+    """
+    logp = _selective_logprobs(logits_btv, tokens_bt.astype(jnp.int32), float(temperature))
+    if mask_bt is not None:
+        logp = jnp.where(mask_bt.astype(jnp.bool_), logp, 0.0)
+    return logp
+
+
+def entropy(logits_btv, mask_bt=None, *, temperature: float = 1.0):
+    """Per-token entropy of softmax(logits / temperature) in float32: [B, T, V] -> [B, T].
+
+    The arithmetic is `losses.token_entropy` (finite for -inf logits). Masked positions give 0.
+    """
+    z = logits_btv.astype(jnp.float32)
+    if temperature != 1.0:
+        z = z / temperature
+    ent = token_entropy(z)
+    if mask_bt is not None:
+        ent = jnp.where(mask_bt.astype(jnp.bool_), ent, 0.0)
+    return ent
+
+
+def count_params(params, *, exclude_embeddings: bool = False) -> int:
+    """Number of parameters; with exclude_embeddings the token/position tables are skipped."""
+    total = 0
+    for path, leaf in jax.tree_util.tree_leaves_with_path(params):
+        names = [getattr(p, "key", getattr(p, "name", "")) for p in path]
+        if exclude_embeddings and any(n in ("embed", "pos_embed") for n in names):
+            continue
+        total += math.prod(leaf.shape)
+    return total
+
+
+def param_logical_axes(params) -> Any:
+    """The `logical_axes` metadata of every parameter, as a pytree of tuples (for inspection)."""
+    return jax.tree.map(lambda v: v.get_metadata().get("logical_axes"), params,
+                        is_leaf=lambda x: isinstance(x, nnx.Variable))

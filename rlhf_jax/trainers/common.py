@@ -1,0 +1,270 @@
+"""Pieces every stage shares: config checks, mesh, model and optimizer set-up, data sources,
+checkpoint hand-off and resume, the non-finite guard.
+
+A trainer (`sft.py`, `reward.py`, ...) stays a flat script that calls these in order; nothing
+here knows which stage it serves.
+"""
+
+import base64
+import dataclasses
+from pathlib import Path
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from rlhf_jax import checkpoint, model, sharding
+from rlhf_jax.data import batching, builders, synthetic
+from rlhf_jax.data import tokenizer as tokenizer_lib
+
+
+class NonFiniteError(FloatingPointError):
+    """A loss or gradient norm was NaN or inf; the last good checkpoint is left intact."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+def model_config_dict(cfg: model.ModelConfig) -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict(dataclasses.asdict(cfg))
+
+
+def model_config(config) -> model.ModelConfig:
+    """The ModelConfig described by `config.model` (a dict of ModelConfig fields)."""
+    fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
+    given = dict(config.model)
+    unknown = sorted(set(given) - fields)
+    if unknown:
+        raise ValueError(f"config.model has unknown fields {unknown}; valid: {sorted(fields)}")
+    return model.ModelConfig(**given)
+
+
+def require(ok: bool, message: str):
+    """Config validation: raise a ValueError that says what to change."""
+    if not ok:
+        raise ValueError(message)
+
+
+def optim_config(**overrides) -> ml_collections.ConfigDict:
+    base = dict(lr=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99,
+                schedule="cosine", end_lr_frac=0.1)
+    base.update(overrides)
+    return ml_collections.ConfigDict(base)
+
+
+def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine (or constant) decay and global-norm clipping."""
+    require(optim.schedule in ("cosine", "constant"),
+            f"optim.schedule={optim.schedule!r}; choose 'cosine' or 'constant'")
+    warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
+    if optim.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(optim.lr, max(total_steps - warmup, 1),
+                                            alpha=optim.end_lr_frac)
+    else:
+        decay = optax.constant_schedule(optim.lr)
+    schedule = optax.join_schedules(
+        [optax.linear_schedule(0.0, optim.lr, max(warmup, 1)), decay], [warmup])
+    parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
+    parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
+                             weight_decay=optim.weight_decay))
+    return optax.chain(*parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mesh
+# ---------------------------------------------------------------------------------------------
+
+def setup_mesh(config, *batch_sizes: int):
+    """Initialises multi-host JAX if configured, builds the mesh, checks the batch sizes.
+
+    config.mesh: shape (data, fsdp, tensor) with -1 for "the rest", rules (overrides of
+    sharding.DEFAULT_RULES), and the multi-host fields read by sharding.initialize_distributed.
+    """
+    sharding.initialize_distributed(config.mesh)
+    mesh = sharding.make_mesh(tuple(config.mesh.shape))
+    rules = {**sharding.DEFAULT_RULES, **dict(config.mesh.get("rules", None) or {})}
+    for b in batch_sizes:
+        sharding.check_batch_size(b, mesh, rules)
+    return mesh, rules
+
+
+def place_batch(batch: dict, mesh, rules) -> dict:
+    """The numeric arrays of a host batch, placed on the mesh (batch axis over data x fsdp)."""
+    return sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh, rules)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer and data
+# ---------------------------------------------------------------------------------------------
+
+def tokenizer_to_meta(tok: tokenizer_lib.Tokenizer) -> dict:
+    return {"model_proto_b64": base64.b64encode(tok.serialized()).decode("ascii"),
+            "pad_id": int(tok.pad_id)}
+
+
+def tokenizer_from_meta(meta: dict) -> tokenizer_lib.Tokenizer:
+    return tokenizer_lib.Tokenizer.from_proto(base64.b64decode(meta["model_proto_b64"]),
+                                              pad_id=meta["pad_id"])
+
+
+def testbed() -> synthetic.Testbed:
+    """The synthetic testbed with its default settings (deterministic; built once per process)."""
+    global _TESTBED
+    if _TESTBED is None:
+        _TESTBED = synthetic.Testbed()
+    return _TESTBED
+
+
+_TESTBED = None
+
+
+def data_source(data, kind: str, split: str, workdir: Path):
+    """A random-access source for `kind` ("sft", "prompts", "pairs") and split.
+
+    data.source == "synthetic": the testbed's TFDS builder, prepared under
+    `data.data_dir` (default workdir/data) with data.n_train / data.n_test / data.seed.
+    data.source == "tfds": an already prepared TFDS dataset `data.name` under `data.data_dir`.
+    """
+    if data.source == "synthetic":
+        data_dir = data.get("data_dir", "") or str(workdir / "data")
+        n_train, n_test = int(data.n_train), int(data.n_test)
+        cfg = builders.SyntheticConfig(
+            name=f"{kind}_{n_train}_{n_test}_s{data.seed}_t{data.get('tau', 1.0)}",
+            kind=kind, n_train=n_train, n_test=n_test, seed=int(data.seed),
+            tau=float(data.get("tau", 1.0)), flip_rate=float(data.get("flip_rate", 0.0)))
+        builder = builders.prepare(builders.SyntheticTestbed, data_dir=data_dir, config=cfg)
+        return builder.as_data_source(split=split)
+    if data.source == "tfds":
+        require(bool(data.get("data_dir", "")) and Path(data.data_dir).is_dir(),
+                f"data.data_dir={data.get('data_dir', '')!r} does not exist; prepare the "
+                "dataset first (see docs/data.md) and point data.data_dir at it")
+        import tensorflow_datasets as tfds
+        return tfds.data_source(data.name, split=split, data_dir=data.data_dir, download=False)
+    raise ValueError(f"data.source={data.source!r}; choose 'synthetic' or 'tfds'")
+
+
+def batch_config(data, *, batch_size: int, seed: int, shuffle: bool = True,
+                 num_epochs=None, drop_remainder: bool = True) -> batching.BatchConfig:
+    return batching.BatchConfig(batch_size=batch_size, buckets=tuple(data.buckets),
+                                max_prompt_len=int(data.max_prompt_len), seed=seed,
+                                shuffle=shuffle, num_epochs=num_epochs,
+                                drop_remainder=drop_remainder)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoint hand-off
+# ---------------------------------------------------------------------------------------------
+
+def stage_meta(*, config, model_cfg: model.ModelConfig, tok, extra: dict | None = None) -> dict:
+    """What a checkpoint carries besides arrays: model config, tokenizer, stage config."""
+    return {"model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer_to_meta(tok),
+            "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+            **(extra or {})}
+
+
+def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0):
+    """Restores the parameters of a finished stage onto `mesh`, as a model of `kind`.
+
+    Returns (graphdef, params, model_cfg, tokenizer, meta). A policy checkpoint loaded as
+    kind="reward"/"value" gets the policy backbone plus a freshly initialised head (the reward
+    model and critic start from the SFT model, Ouyang et al. 2022; Ziegler et al. 2019).
+    """
+    stage_dir = Path(stage_dir)
+    require(checkpoint.stage_has_checkpoint(stage_dir),
+            f"init_from={str(stage_dir)!r} holds no complete checkpoint; run the stage that "
+            "writes it first, or point init_from at its directory (e.g. WORKDIR/sft)")
+    with checkpoint.Checkpointer(stage_dir) as ckpt:
+        meta = ckpt.restore_meta()
+        saved_cfg = model.ModelConfig(**meta["model"])
+        saved_kind = meta.get("model_kind", "policy")
+        mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+        graphdef, target = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules,
+                                      seed=seed, abstract_only=True)
+        params, _, _ = ckpt.restore(params=target)
+    tok = tokenizer_from_meta(meta["tokenizer"])
+    if saved_kind == kind:
+        return graphdef, params, saved_cfg, tok, meta
+    require(saved_kind == "policy" and kind in ("reward", "value"),
+            f"cannot load a {saved_kind} checkpoint as a {kind} model")
+    graphdef, head_params = init_model(saved_cfg, kind=kind, mesh=mesh, rules=rules, seed=seed)
+    params = model.init_head_model_from_policy(head_params=head_params, policy_params=params)
+    return graphdef, params, saved_cfg, tok, meta
+
+
+def value_from_reward(reward, *, mesh, rules, seed: int = 0):
+    """A critic (graphdef, params): the reward model's backbone and a zero-initialised value head.
+
+    `reward` is what `load_stage(..., kind="reward")` returns.
+    """
+    _, rm_params, cfg, _, _ = reward
+    graphdef, value_params = init_model(cfg, kind="value", mesh=mesh, rules=rules, seed=seed)
+    value_params["backbone"] = jax.tree.map(jnp.copy, rm_params["backbone"])
+    return graphdef, value_params
+
+
+def init_model(cfg: model.ModelConfig, *, kind: str, mesh, rules, seed: int,
+               abstract_only: bool = False):
+    """(graphdef, params) initialised directly in the sharded layout (or its abstract shape)."""
+    make = lambda: model.build(cfg, seed=seed, kind=kind)  # noqa: E731
+    if abstract_only:
+        from flax import nnx
+        graphdef, abstract = nnx.split(nnx.eval_shape(make))
+        shardings = sharding.param_shardings(abstract, mesh, rules)
+        return graphdef, jax.tree.map(
+            lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return sharding.init_sharded(make, mesh=mesh, rules=rules)
+
+
+def sequence_logps(graphdef, params, tokens, mask, loss_mask, *, temperature: float = 1.0):
+    """Per-token log-probs of tokens[:, 1:] under the policy, and the logits.
+
+    Returns (logps [B, T-1] zero outside loss_mask[:, 1:], logits [B, T, V]).
+    """
+    logits, _ = model.apply(graphdef, params, tokens, mask_bt=mask)
+    target_mask = loss_mask[:, 1:]
+    logps = model.token_logprobs(logits[:, :-1], tokens[:, 1:], target_mask,
+                                 temperature=temperature)
+    return logps, logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Guarded optimizer step
+# ---------------------------------------------------------------------------------------------
+
+def init_guard() -> dict:
+    """State of the non-finite guard: the first bad step (-1: none) and its loss / grad norm."""
+    return {"bad_step": jnp.int32(-1), "bad_loss": jnp.float32(0), "bad_grad_norm": jnp.float32(0)}
+
+
+def guarded_apply(optimizer, params, opt_state, grads, loss, guard, step):
+    """One optimizer update that is skipped when the loss or the gradient norm is not finite.
+
+    The step index and values of the first bad step are recorded in `guard`, which the trainer
+    inspects whenever it syncs with the host anyway (logging, checkpointing) and raises from
+    (`raise_if_bad`). So the inner loop never waits on the host, and the parameters that reach a
+    checkpoint are never the product of a NaN update.
+    Returns (params, opt_state, guard, grad_norm).
+    """
+    grad_norm = optax.tree.norm(grads)
+    ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    updates, new_opt_state = optimizer.update(grads, opt_state, params)
+    new_params = optax.apply_updates(params, updates)
+    keep = lambda new, old: jax.tree.map(lambda a, b: jnp.where(ok, a, b), new, old)  # noqa: E731
+    first_bad = (~ok) & (guard["bad_step"] < 0)
+    guard = {"bad_step": jnp.where(first_bad, jnp.int32(step), guard["bad_step"]),
+             "bad_loss": jnp.where(first_bad, jnp.float32(loss), guard["bad_loss"]),
+             "bad_grad_norm": jnp.where(first_bad, grad_norm, guard["bad_grad_norm"])}
+    return keep(new_params, params), keep(new_opt_state, opt_state), guard, grad_norm
+
+
+def raise_if_bad(guard, last_values: dict | None = None):
+    """Raises NonFiniteError if the guard recorded a non-finite step (one host transfer)."""
+    g = jax.device_get(guard)
+    if int(g["bad_step"]) >= 0:
+        raise NonFiniteError(
+            f"non-finite loss or gradient at step {int(g['bad_step']) + 1} (loss "
+            f"{float(g['bad_loss'])}, grad norm {float(g['bad_grad_norm'])}); that update was "
+            f"not applied and the last good checkpoint is kept. Last logged metrics: "
+            f"{last_values}. Lower the learning rate or check the data, then re-run to resume")

@@ -1,0 +1,157 @@
+"""Supervised fine-tuning: next-token loss on completion tokens, the prompt masked.
+
+    stage_dir = sft.train(config, workdir)        # writes workdir/sft/, returns it
+
+Re-running in the same workdir resumes from the latest checkpoint and ends with the same
+parameters as an uninterrupted run. The checkpoint carries the model config and tokenizer,
+which is all the next stage (reward model, DPO, PPO) needs besides the parameters.
+"""
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from rlhf_jax import checkpoint, metrics as metrics_lib
+from rlhf_jax.aggregation import aggregate
+from rlhf_jax.data import batching
+from rlhf_jax.data import tokenizer as tokenizer_lib
+from rlhf_jax.trainers import common
+
+STAGE = "sft"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.init_from = ""            # a stage directory to start from; "" = random init
+    c.model = ml_collections.ConfigDict(dict(
+        vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_len=48,
+        norm="rmsnorm", position="rope", activation="swiglu", tie_embeddings=True,
+        use_bias=False, param_dtype="float32", dtype="float32"))
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", name="", data_dir="", tokenizer="", n_train=20_000, n_test=1_000,
+        seed=0, buckets=(48,), max_prompt_len=12, batch_size=64))
+    c.optim = common.optim_config(lr=3e-3, warmup_steps=30)
+    c.steps = 600
+    c.log_every = 20
+    c.save_every = 200
+    c.keep = 2
+    c.eval_batches = 4
+    return c
+
+
+def load_tokenizer(config, workdir: Path) -> tokenizer_lib.Tokenizer:
+    if config.data.tokenizer:
+        common.require(Path(config.data.tokenizer).is_file(),
+                       f"data.tokenizer={config.data.tokenizer!r} is not a file; give the path "
+                       "of a sentencepiece .model")
+        return tokenizer_lib.Tokenizer.load(config.data.tokenizer)
+    common.require(config.data.source == "synthetic",
+                   "data.tokenizer is required unless data.source='synthetic'")
+    return common.testbed().tokenizer
+
+
+def train(config, workdir) -> Path:
+    workdir = Path(workdir)
+    stage_dir = workdir / STAGE
+
+    # --- config, mesh ---------------------------------------------------------------------
+    common.require(config.steps > 0, f"steps={config.steps} must be positive")
+    common.require(config.data.source in ("synthetic", "tfds"),
+                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+    mesh, rules = common.setup_mesh(config, config.data.batch_size)
+
+    # --- data ------------------------------------------------------------------------------
+    if config.init_from:
+        graphdef, params, model_cfg, tok, _ = common.load_stage(
+            config.init_from, mesh=mesh, rules=rules, seed=config.seed)
+    else:
+        tok = load_tokenizer(config, workdir)
+        model_cfg = common.model_config(config)
+        if model_cfg.vocab_size == 0:
+            model_cfg = model_cfg.replace(vocab_size=tok.vocab_size)
+        common.require(model_cfg.vocab_size >= tok.vocab_size,
+                       f"model.vocab_size={model_cfg.vocab_size} is smaller than the "
+                       f"tokenizer's {tok.vocab_size}; set it to 0 to follow the tokenizer")
+        graphdef, params = common.init_model(model_cfg, kind="policy", mesh=mesh, rules=rules,
+                                             seed=config.seed)
+    common.require(max(config.data.buckets) <= model_cfg.max_len,
+                   f"data.buckets go up to {max(config.data.buckets)} but model.max_len is "
+                   f"{model_cfg.max_len}; raise model.max_len or lower the buckets")
+    train_it = batching.make_iterator(
+        common.data_source(config.data, "sft", "train", workdir), kind="sft", tokenizer=tok,
+        config=common.batch_config(config.data, batch_size=config.data.batch_size,
+                                   seed=config.seed), name="sft/train")
+
+    # --- model, optimizer, update step ------------------------------------------------------
+    optimizer = common.make_optimizer(config.optim, config.steps)
+    opt_state = jax.jit(optimizer.init)(params)
+
+    def loss_fn(params, batch):
+        logps, _ = common.sequence_logps(graphdef, params, batch["tokens"], batch["mask"],
+                                         batch["loss_mask"])
+        loss = aggregate(-logps, batch["loss_mask"][:, 1:], "token_mean")
+        return loss
+
+    def update(params, opt_state, guard, batch, step):
+        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        params, opt_state, guard, grad_norm = common.guarded_apply(
+            optimizer, params, opt_state, grads, loss, guard, step)
+        return params, opt_state, guard, {"sft/loss": loss, "sft/grad_norm": grad_norm}
+
+    update = jax.jit(update, donate_argnums=(0, 1))
+    eval_loss = jax.jit(loss_fn)
+
+    # --- checkpoint: resume -------------------------------------------------------------------
+    guard = common.init_guard()
+    step = 0
+    ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
+                                   save_interval_steps=config.save_every)
+    if ckpt.latest_step() is not None:
+        params, train_state, meta = ckpt.restore(
+            params=checkpoint.abstract(params),
+            train=checkpoint.abstract({"opt": opt_state}))
+        opt_state = train_state["opt"]
+        train_it.set_state(meta["data_state"])
+        step = meta["step"]
+
+    def save(step, force=False):
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,
+                                 extra={"data_state": train_it.get_state(),
+                                        "model_kind": "policy"})
+        ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+
+    # --- loop -------------------------------------------------------------------------------
+    writer = metrics_lib.MetricsWriter(stage_dir)
+    values = None
+    bar = metrics_lib.progress(total=config.steps, initial=step, desc="sft")
+    while step < config.steps:
+        batch = common.place_batch(next(train_it), mesh, rules)
+        params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
+        step += 1
+        last = step == config.steps
+        if step % config.log_every == 0 or last:
+            values = writer.write(step, m)
+            bar.set_postfix(metrics_lib.format_postfix(values, ["sft/loss"]))
+        if step % config.save_every == 0 or last:
+            common.raise_if_bad(guard, values)
+            save(step, force=last)
+        bar.update(1)
+    bar.close()
+    common.raise_if_bad(guard, values)
+
+    # --- eval: held-out completion NLL --------------------------------------------------------
+    if config.eval_batches:
+        test_it = batching.make_iterator(
+            common.data_source(config.data, "sft", "test", workdir), kind="sft", tokenizer=tok,
+            config=common.batch_config(config.data, batch_size=config.data.batch_size,
+                                       seed=config.seed, shuffle=False), name="sft/test")
+        losses = [eval_loss(params, common.place_batch(next(test_it), mesh, rules))
+                  for _ in range(config.eval_batches)]
+        writer.write(step, {"eval/sft_loss": jnp.mean(jnp.stack(losses))})
+    writer.close()
+    ckpt.close()
+    return stage_dir
