@@ -1,6 +1,14 @@
 """Shared test settings: offline, deterministic, float32 on the CPU."""
 
 import os
+import tempfile
 
 # Tests never need an accelerator; keep JAX from probing for one.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+# One persistent compilation cache for the whole session, subprocesses included: several tests
+# build the same smoke-size stages, and compiling them dominates their run time on 2 cores.
+# Set before JAX is imported by any test module; inherited by the subprocesses tests start.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(prefix="rlhf_jax_jit_cache_")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")

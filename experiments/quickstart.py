@@ -1,0 +1,181 @@
+"""The whole pipeline on the built-in testbed: SFT -> reward model -> PPO and DPO -> evaluation.
+
+    python -m experiments.quickstart --workdir runs/quickstart
+    python -m experiments.quickstart --workdir runs/smoke --config.size=smoke   # the tests' size
+
+Writes into WORKDIR:
+  data/           the testbed's TFDS datasets (array_record)
+  sft/ rm/ ppo/ dpo/   each stage's checkpoints, metrics.jsonl and TensorBoard events
+  report.md       SFT, PPO, DPO and best-of-n on held-out prompts: gold reward, reward-model
+                  score, sequence KL to the SFT reference; the reward model's accuracies; the
+                  acceptance checks
+  reward_vs_kl.png  gold reward against KL for every method, PPO along training
+  results.json    the numbers of report.md
+Re-running resumes every unfinished stage and skips the finished ones. See README.md for the
+expected output and time.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import jax
+import ml_collections
+
+from experiments import dpo as dpo_exp
+from experiments import ppo as ppo_exp
+from experiments import reward as reward_exp
+from experiments import sft as sft_exp
+from rlhf_jax import evaluation, experiment
+from rlhf_jax.data import batching
+from rlhf_jax.metrics import read_metrics
+from rlhf_jax.trainers import common
+
+
+def get_config(size: str = "default"):
+    c = ml_collections.ConfigDict()
+    c.size = size
+    c.seed = 0
+    c.sft = sft_exp.get_config(size)
+    c.rm = reward_exp.get_config(size)
+    c.ppo = ppo_exp.get_config(size)
+    c.dpo = dpo_exp.get_config(size)
+    c.eval = ml_collections.ConfigDict(dict(prompts=256, batch=256, best_of_n=(1, 4, 16),
+                                            max_new_tokens=24, seed=1234))
+    if size == "smoke":
+        c.eval.update(prompts=16, batch=16, best_of_n=(1, 2, 4), max_new_tokens=16)
+    return c
+
+
+def _stage_configs(config, workdir: Path):
+    data_dir = str(workdir / "data")
+    out = {}
+    for name in ("sft", "rm", "ppo", "dpo"):
+        stage = ml_collections.ConfigDict(config[name].to_dict())
+        stage.data.data_dir = stage.data.data_dir or data_dir
+        out[name] = stage
+    return out
+
+
+def evaluate(config, workdir: Path) -> dict:
+    """Samples every method on the same held-out prompts and scores them."""
+    graphdef, sft_params, _, tok, _ = common.load_stage(workdir / "sft")
+    reward = common.load_stage(workdir / "rm", kind="reward")
+    ppo_cfg = config.ppo
+    prompt_it = batching.make_iterator(
+        common.data_source(ppo_cfg.data, "prompts", "test", workdir), kind="prompts",
+        tokenizer=tok, config=common.batch_config(ppo_cfg.data, batch_size=config.eval.batch,
+                                                  seed=0, shuffle=False), name="prompts/test")
+    prompts = [next(prompt_it) for _ in range(max(1, config.eval.prompts // config.eval.batch))]
+    evaluator = evaluation.Evaluator(
+        graphdef=graphdef, ref_params=sft_params, prompts=prompts,
+        max_new_tokens=config.eval.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+        reward=reward[:2], testbed=common.testbed())
+    key = jax.random.key(config.eval.seed)
+    methods = {"SFT": evaluator.policy_metrics(sft_params, key)}
+    for name in ("ppo", "dpo"):
+        params = common.load_stage(workdir / name)[1]
+        methods[name.upper()] = evaluator.policy_metrics(params, key)
+    bon = evaluator.best_of_n(sft_params, key, ns=tuple(config.eval.best_of_n))
+    for n, values in bon.items():
+        methods[f"best-of-{n}"] = values
+    return methods
+
+
+def acceptance(methods: dict, rm_metrics: dict) -> list[tuple[str, bool, str]]:
+    """The pipeline's acceptance checks: (what, passed, the numbers)."""
+    sft = methods["SFT"]
+    half_std = 0.5 * sft["gold/reward_std"]
+    checks = []
+    acc, far = rm_metrics.get("rm/eval_gold_accuracy"), rm_metrics.get("rm/eval_gold_accuracy_far")
+    if acc is not None:
+        checks.append(("reward model accuracy vs gold >= 0.75", acc >= 0.75, f"{acc:.3f}"))
+    if far is not None:
+        checks.append(("... on pairs > 1 SFT std apart >= 0.9", far >= 0.9, f"{far:.3f}"))
+    for name in ("PPO", "DPO"):
+        gain, kl = methods[name]["gold/reward"] - sft["gold/reward"], methods[name]["objective/kl"]
+        checks.append((f"{name} gold gain >= 0.5 SFT std at KL <= 10",
+                       gain >= half_std and kl <= 10,
+                       f"gain {gain:+.3f} vs {half_std:.3f}, KL {kl:.2f}"))
+    for key, values in methods.items():
+        if key.startswith("best-of-") and int(key.split("-")[-1]) > 1:
+            est, exact = values["objective/kl_empirical"], values["objective/kl"]
+            checks.append((f"{key} KL estimate within 10% of log n - (n-1)/n",
+                           abs(est - exact) <= 0.1 * exact, f"{est:.3f} vs {exact:.3f}"))
+    return checks
+
+
+def write_report(workdir: Path, methods: dict, rm_metrics: dict, checks) -> Path:
+    lines = ["# Quickstart report", "",
+             "Held-out prompts of the synthetic testbed; one sample per prompt (best-of-n: the "
+             "best of n by reward-model score). KL is the sequence-level KL to the SFT policy "
+             "(sum over tokens of log pi - log pi_ref; for best-of-n, log n - (n-1)/n).", "",
+             "| method | gold reward | RM score | KL (nats) | length |",
+             "|---|---|---|---|---|"]
+    for name, v in methods.items():
+        lines.append(f"| {name} | {v['gold/reward']:.3f} | {v['rm/score']:.3f} | "
+                     f"{v['objective/kl']:.2f} | {v['response/length']:.1f} |")
+    lines += ["", f"SFT gold-reward std: {methods['SFT']['gold/reward_std']:.3f}", "",
+              "Reward model (held-out pairs): " + ", ".join(
+                  f"{k} {v:.3f}" for k, v in sorted(rm_metrics.items())
+                  if k.startswith("rm/eval")), "", "## Acceptance", "",
+              "| check | result | numbers |", "|---|---|---|"]
+    lines += [f"| {what} | {'pass' if ok else 'FAIL'} | {nums} |" for what, ok, nums in checks]
+    lines += ["", "![gold reward against KL](reward_vs_kl.png)", ""]
+    path = workdir / "report.md"
+    path.write_text("\n".join(lines))
+    return path
+
+
+def plot(workdir: Path, methods: dict) -> Path:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.2))
+    ppo_rows = [r for r in read_metrics(workdir / "ppo") if "eval/gold/reward" in r]
+    ax.plot([r["eval/objective/kl"] for r in ppo_rows], [r["eval/gold/reward"] for r in ppo_rows],
+            "o-", color="tab:blue", label="PPO (along training)", markersize=3)
+    bon = [(v["objective/kl"], v["gold/reward"]) for k, v in methods.items()
+           if k.startswith("best-of-")]
+    ax.plot(*zip(*bon), "s--", color="tab:green", label="best-of-n (n = " + ", ".join(
+        k.split("-")[-1] for k in methods if k.startswith("best-of-")) + ")")
+    for name, style in (("SFT", "k*"), ("DPO", "r^"), ("PPO", "bo")):
+        ax.plot(methods[name]["objective/kl"], methods[name]["gold/reward"], style, markersize=9,
+                label=f"{name} (final)" if name != "SFT" else "SFT")
+    ax.set_xlabel("KL to the SFT policy (nats)")
+    ax.set_ylabel("gold reward r*(x, y)")
+    ax.set_title("Gold reward against KL on the testbed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = workdir / "reward_vs_kl.png"
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def main(config, workdir):
+    workdir = Path(workdir)
+    stages = _stage_configs(config, workdir)
+    sft_exp.main(stages["sft"], workdir)
+    reward_exp.main(stages["rm"], workdir)
+    ppo_exp.main(stages["ppo"], workdir)
+    dpo_exp.main(stages["dpo"], workdir)
+    methods = evaluate(config, workdir)
+    rm_rows = read_metrics(workdir / "rm")
+    rm_metrics = {k: v for r in rm_rows for k, v in r.items() if k.startswith("rm/eval")}
+    checks = acceptance(methods, rm_metrics)
+    plot(workdir, methods)
+    report = write_report(workdir, methods, rm_metrics, checks)
+    (workdir / "results.json").write_text(json.dumps(
+        {"methods": methods, "reward_model": rm_metrics,
+         "acceptance": [{"check": w, "passed": ok, "numbers": n} for w, ok, n in checks]},
+        indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
+    print(report.read_text())
+    print(f"report: {report}\nfigure: {workdir / 'reward_vs_kl.png'}")
+    return methods
+
+
+if __name__ == "__main__":
+    experiment.run(get_config, main)

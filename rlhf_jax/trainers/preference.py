@@ -1,0 +1,451 @@
+"""Direct preference optimisation (DPO, cDPO, IPO, SimPO, ORPO) from an SFT checkpoint.
+
+    stage_dir = preference.train(config, workdir)   # writes workdir/<config.stage>/, returns it
+
+The policy and a frozen reference both start from the SFT stage (`config.init_from`; when it
+is empty, `workdir/sft`). `config.pref_loss` is a registry spec ("dpo(beta=0.1)",
+"ipo(tau=0.1)", "simpo", ...): changing that string is the whole ablation. The trainer hands
+every loss the same inputs and the registry passes each the subset it declares:
+
+    policy_chosen_logps, policy_rejected_logps   [B] summed completion log-probs
+    ref_chosen_logps, ref_rejected_logps         [B] the same under the frozen reference
+    chosen_lengths, rejected_lengths             [B] number of completion tokens
+    chosen_nll                                   [B] mean token NLL of the chosen completion
+
+Chosen and rejected go through one forward pass (the [2B, T] pair batch, chosen rows first).
+The reference log-probs are computed once per batch inside the jitted step but outside the
+gradient, and not at all for reference-free losses (SimPO, ORPO). Rows with valid=0 (padding
+of a final partial batch) carry zero weight.
+
+Re-running in the same workdir resumes from the latest checkpoint and ends with the same
+parameters as an uninterrupted run. The checkpoint meta says model_kind="policy", so a DPO
+policy loads and evaluates like any other policy (`common.load_stage`).
+
+At the end: the loss's implicit-reward accuracy and margin on the test pairs (and, on the
+testbed, their agreement with the gold ordering), then on the testbed a generation eval that
+samples from the trained policy and from the reference on the same held-out prompts with the
+same random numbers and reports gold reward (`gold/reward`, `gold/ref_reward`, `gold/gain`,
+`gold/gain_in_ref_std`) and the sequence KL to the reference (`objective/kl`).
+"""
+
+import functools
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import checkpoint, metrics as metrics_lib, registry, sampling
+from rlhf_jax.data import batching, synthetic
+from rlhf_jax.trainers import common
+
+STAGE = "dpo"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stage = STAGE             # the stage directory under workdir
+    c.init_from = ""            # the SFT stage directory; "" = workdir/sft
+    c.pref_loss = "dpo(beta=0.1)"
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
+    # Pairs: the testbed's Bradley-Terry-labelled pairs (tau = label noise temperature).
+    # Testbed rows are at most 9 prompt + 24 completion tokens, so one bucket of 40 pads
+    # less than the SFT stage's 48 and never truncates (docs/testbed.md).
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", name="", data_dir="", n_train=10_000, n_test=1_000, seed=0,
+        tau=1.0, flip_rate=0.0, buckets=(40,), max_prompt_len=12, batch_size=16))
+    # Tuned on the testbed for gold-reward gain within ~45 s on 2 CPU cores (see
+    # experiments/dpo.py): lr 6e-4 at this batch already overshoots (KL > 10 nats, longer
+    # completions that stop ending in eos), 4e-4 for 80 steps gains ~0.6 SFT std at KL ~2.
+    c.optim = common.optim_config(lr=4e-4, warmup_steps=10, schedule="constant")
+    c.steps = 80
+    c.log_every = 10
+    c.save_every = 40
+    c.keep = 2
+    c.eval_batches = 32         # test-pair batches for the preference eval; 0 = skip
+    # Generation eval (testbed only): held-out prompts, completions sampled at temperature.
+    c.gen = ml_collections.ConfigDict(dict(
+        n_prompts=512, batch_size=128, prompt_len=16, max_new_tokens=24, temperature=1.0))
+    return c
+
+
+# ---------------------------------------------------------------------------------------------
+# Pieces (pure functions of arrays; the trainer below wires them up)
+# ---------------------------------------------------------------------------------------------
+
+def needs_reference(loss_fn) -> bool:
+    """Whether the loss reads reference log-probs; if not, no reference pass is traced."""
+    return (registry.accepts(loss_fn, "ref_chosen_logps")
+            or registry.accepts(loss_fn, "ref_rejected_logps"))
+
+
+def pair_logps(graphdef, params, batch):
+    """Summed completion log-probs of the [2B, T] pair batch, split into chosen and rejected.
+
+    Returns (chosen [B], rejected [B], chosen token NLL mean [B], chosen lengths [B],
+    rejected lengths [B]). Lengths count completion tokens (eos included), the |y| of the
+    length-normalised losses (SimPO, ORPO, IPO).
+    """
+    logps_bt, _ = common.sequence_logps(graphdef, params, batch["tokens"], batch["mask"],
+                                        batch["loss_mask"])
+    seq = jnp.sum(logps_bt, axis=-1)                                      # [2B]
+    lengths = jnp.sum(batch["loss_mask"][:, 1:], axis=-1).astype(jnp.float32)
+    b = seq.shape[0] // 2
+    chosen_nll = -seq[:b] / jnp.maximum(lengths[:b], 1.0)
+    return seq[:b], seq[b:], chosen_nll, lengths[:b], lengths[b:]
+
+
+def reference_logps(graphdef, ref_params, batch):
+    """Reference (chosen [B], rejected [B]) summed log-probs; constants for the gradient."""
+    chosen, rejected, *_ = pair_logps(graphdef, jax.lax.stop_gradient(ref_params), batch)
+    return jax.lax.stop_gradient(chosen), jax.lax.stop_gradient(rejected)
+
+
+def per_pair(loss_fn, **inputs):
+    """The loss and each of its metrics for every pair alone: (loss [B], {name: [B]}).
+
+    Every registered preference loss, and each of its metrics, is a mean over pairs of a
+    per-pair term (docs/implementation_details.md, "Averaging over pairs"), so evaluating it on
+    each pair alone (vmap over [1]-shaped inputs) and taking a weighted mean gives the loss of
+    any subset of pairs exactly, without touching the loss functions. Inputs: [B] each.
+    """
+    def one(kw):
+        return registry.call(loss_fn, **{k: v[None] for k, v in kw.items()})
+
+    return jax.vmap(one)(inputs)
+
+
+def weighted_mean(loss_b, metrics_b, weights):
+    """(loss, metrics) averaged over pairs with weights [B] (valid: 1 real pair, 0 padding)."""
+    keep = weights > 0
+    w = jnp.where(keep, weights, 0).astype(jnp.float32)
+    w = w / jnp.maximum(jnp.sum(w), 1.0)
+    # Select, then weight: a padding row's value never enters the sum, even if it is not finite.
+    mean = lambda v: jnp.sum(jnp.where(keep, v, 0.0) * w)  # noqa: E731
+    return mean(loss_b), {k: mean(v) for k, v in metrics_b.items()}
+
+
+def metric_prefix(metrics: dict) -> str:
+    """The loss's namespace ("dpo", "ipo", ...), read off its "<prefix>/margin" metric."""
+    return next(k.split("/")[0] for k in metrics if k.endswith("/margin"))
+
+
+def completion_logps(graphdef, params, prompt_bp, prompt_mask_bp, tokens_bn, mask_bn,
+                     *, temperature: float = 1.0):
+    """Summed log-probs [B] of sampled completions under a model, with the prompt as context.
+
+    prompt [B, P] left-padded, completion [B, N] as returned by `sampling.generate` (mask 1 up
+    to and including eos). One forward pass over the [B, P + N] rows.
+    """
+    seq, seq_mask, completion_mask = _join(prompt_bp, prompt_mask_bp, tokens_bn, mask_bn)
+    logps_bt, _ = common.sequence_logps(graphdef, params, seq, seq_mask, completion_mask,
+                                        temperature=temperature)
+    return jnp.sum(logps_bt, axis=-1)
+
+
+def _join(prompt_bp, prompt_mask_bp, tokens_bn, mask_bn):
+    """[prompt, completion] rows, their mask, and the mask on the completion only."""
+    seq = jnp.concatenate([prompt_bp, tokens_bn], axis=1).astype(jnp.int32)
+    seq_mask = jnp.concatenate([prompt_mask_bp, mask_bn], axis=1).astype(jnp.int32)
+    completion_mask = jnp.concatenate(
+        [jnp.zeros_like(prompt_mask_bp), mask_bn], axis=1).astype(jnp.int32)
+    return seq, seq_mask, completion_mask
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "with_kl",
+                                             "gold_config", "eos_id"))
+def _score_samples(tables, ref_params, prompt_bp, prompt_mask_bp, tokens_bn, mask_bn,
+                   logps_bn, *, graphdef, temperature, with_kl, gold_config, eos_id):
+    """Per-sample gold reward, sequence KL to the reference, length and eos flag, all [B].
+
+    One compiled function, so scoring a batch costs no per-op dispatch or compile."""
+    seq, seq_mask, completion_mask = _join(prompt_bp, prompt_mask_bp, tokens_bn, mask_bn)
+    out = {"gold": synthetic.gold_reward_from_tables(tables, seq, completion_mask,
+                                                     config=gold_config),
+           "length": jnp.sum(mask_bn, axis=-1),
+           "eos": jnp.any((tokens_bn == eos_id) & mask_bn.astype(jnp.bool_), axis=-1)}
+    if with_kl:
+        ref_logps_bt, _ = common.sequence_logps(graphdef, ref_params, seq, seq_mask,
+                                                completion_mask, temperature=temperature)
+        out["kl"] = jnp.sum(logps_bn, axis=-1) - jnp.sum(ref_logps_bt, axis=-1)
+    return out
+
+
+def generation_eval(graphdef, params, ref_params, prompt_batches, *, testbed, tok, seed: int,
+                    max_new_tokens: int, temperature: float = 1.0,
+                    with_kl: bool = True) -> dict:
+    """Samples from a policy on prompt batches; gold reward and sequence KL to the reference.
+
+    prompt_batches: host batches of kind="prompts" (tokens/mask [B, P], valid [B]).
+    The gold reward is r*(prompt + completion) with the mask on the completion
+    (docs/testbed.md). The KL of a sample is sum_t [log pi(y_t) - log pi_ref(y_t)] over its
+    completion tokens, with log pi the sampling log-probs (tempered as sampled) and log pi_ref
+    from one reference forward pass at the same temperature; its mean over samples estimates
+    KL(pi || pi_ref) in nats. Batch i uses the key fold_in(seed, i), so two policies evaluated
+    with the same seed share their random numbers (a paired comparison).
+    Returns host floats: gold/reward (mean), gold/reward_std, objective/kl (if with_kl),
+    gen/length (mean completion tokens, eos included), gen/eos_frac (fraction that ended).
+    """
+    per_sample = {}
+    key = jax.random.PRNGKey(seed)
+    for i, batch in enumerate(prompt_batches):
+        valid = np.asarray(batch["valid"]).astype(bool)
+        prompt_mask = np.array(batch["mask"])
+        # Padding rows of a final partial batch have no real token; a lone pad keeps their
+        # generation defined (they are dropped below).
+        prompt_mask[:, -1] = 1
+        tokens, mask, logps = sampling.generate(
+            (graphdef, params), batch["tokens"], prompt_mask, jax.random.fold_in(key, i),
+            max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
+            pad_id=tok.pad_id)
+        out = jax.device_get(_score_samples(
+            testbed.tables, ref_params, batch["tokens"], prompt_mask, tokens, mask, logps,
+            graphdef=graphdef, temperature=float(temperature), with_kl=with_kl,
+            gold_config=testbed.gold_config, eos_id=int(tok.eos_id)))
+        for k, v in out.items():
+            per_sample.setdefault(k, []).append(np.asarray(v)[valid])
+    per_sample = {k: np.concatenate(v) for k, v in per_sample.items()}
+    result = {"gold/reward": float(np.mean(per_sample["gold"])),
+              "gold/reward_std": float(np.std(per_sample["gold"])),
+              "gen/length": float(np.mean(per_sample["length"])),
+              "gen/eos_frac": float(np.mean(per_sample["eos"]))}
+    if with_kl:
+        result["objective/kl"] = float(np.mean(per_sample["kl"]))
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# Compiled steps, shared by every run in a process that has the same model, loss and optimizer
+# (a sweep in a notebook, the tests): jax.jit caches per function object, so building the
+# closures once per key saves recompiling them on every `train` call.
+# ---------------------------------------------------------------------------------------------
+
+_copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # one program, not one per leaf
+
+
+@functools.lru_cache(maxsize=16)
+def _optimizer(optim_items: tuple, steps: int):
+    return common.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), steps)
+
+
+@functools.lru_cache(maxsize=16)
+def _compiled(graphdef, loss_fn, optimizer, use_ref: bool):
+    """(update, eval_terms, init_opt), jitted.
+
+    update(params, opt_state, guard, ref_params, batch, step) -> (params, opt_state, guard,
+    metrics): one guarded optimizer step, params and opt_state donated. eval_terms(params,
+    ref_params, batch) -> (loss [B], metrics {name: [B]}) per pair. ref_params is None for a
+    reference-free loss, whose reference pass is then never traced.
+    """
+    def reference_inputs(ref_params, batch):
+        if not use_ref:
+            return {}
+        # Looked up as a module global so a test can count how often it is traced.
+        ref_c, ref_r = globals()["reference_logps"](graphdef, ref_params, batch)
+        return dict(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
+
+    def pair_terms(params, ref_inputs, batch):
+        chosen, rejected, chosen_nll, len_c, len_r = pair_logps(graphdef, params, batch)
+        return per_pair(loss_fn, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
+                        chosen_lengths=len_c, rejected_lengths=len_r, chosen_nll=chosen_nll,
+                        **ref_inputs)
+
+    def loss_on(params, ref_inputs, batch):
+        return weighted_mean(*pair_terms(params, ref_inputs, batch), batch["valid"])
+
+    def update(params, opt_state, guard, ref_params, batch, step):
+        # Reference log-probs once per batch, before and outside the gradient.
+        ref_inputs = reference_inputs(ref_params, batch)
+        (loss, m), grads = jax.value_and_grad(loss_on, has_aux=True)(params, ref_inputs, batch)
+        params, opt_state, guard, grad_norm = common.guarded_apply(
+            optimizer, params, opt_state, grads, loss, guard, step)
+        return params, opt_state, guard, {**m, "pref/loss": loss, "pref/grad_norm": grad_norm}
+
+    def eval_terms(params, ref_params, batch):
+        return pair_terms(params, reference_inputs(ref_params, batch), batch)
+
+    return (jax.jit(update, donate_argnums=(0, 1)), jax.jit(eval_terms),
+            jax.jit(optimizer.init))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+# ---------------------------------------------------------------------------------------------
+
+def train(config, workdir) -> Path:
+    workdir = Path(workdir)
+    stage_dir = workdir / config.stage
+    init_from = Path(config.init_from) if config.init_from else workdir / "sft"
+
+    # --- config, mesh ---------------------------------------------------------------------
+    common.require(config.steps > 0, f"steps={config.steps} must be positive")
+    common.require(config.data.source in ("synthetic", "tfds"),
+                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+    loss_fn = registry.get("pref_loss", config.pref_loss)  # unknown names fail here, listed
+    use_ref = needs_reference(loss_fn)
+    mesh, rules = common.setup_mesh(config, config.data.batch_size,
+                                     2 * config.data.batch_size)
+    testbed = common.testbed() if config.data.source == "synthetic" else None
+
+    # --- model: policy and frozen reference from the SFT stage -------------------------------
+    graphdef, params, model_cfg, tok, _ = common.load_stage(init_from, mesh=mesh, rules=rules,
+                                                            seed=config.seed)
+    common.require(max(config.data.buckets) <= model_cfg.max_len,
+                   f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
+                   f"max_len is {model_cfg.max_len}; lower the buckets")
+    # The reference is the SFT parameters themselves. The policy gets its own copy, since its
+    # buffers are donated to the update step.
+    ref_params = params
+    params = _copy(params)
+
+    # --- data --------------------------------------------------------------------------------
+    extra = ("gold_chosen", "gold_rejected") if testbed is not None else ()
+    train_it = batching.make_iterator(
+        common.data_source(config.data, "pairs", "train", workdir), kind="pairs",
+        tokenizer=tok, config=common.batch_config(config.data, batch_size=config.data.batch_size,
+                                                  seed=config.seed),
+        name="pairs/train")
+
+    # --- update step ------------------------------------------------------------------------
+    optimizer = _optimizer(tuple(sorted(config.optim.items())), config.steps)
+    update, eval_terms, init_opt = _compiled(graphdef, loss_fn, optimizer, use_ref)
+    opt_state = init_opt(params)
+    held_ref = ref_params if use_ref else None  # reference-free: never passed to the step
+
+    # --- checkpoint: resume -------------------------------------------------------------------
+    guard = common.init_guard()
+    step = 0
+    ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
+                                   save_interval_steps=config.save_every)
+    if ckpt.latest_step() is not None:
+        params, train_state, meta = ckpt.restore(
+            params=checkpoint.abstract(params), train=checkpoint.abstract({"opt": opt_state}))
+        opt_state = train_state["opt"]
+        train_it.set_state(meta["data_state"])
+        step = meta["step"]
+
+    def save(step, force=False):
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,
+                                 extra={"data_state": train_it.get_state(),
+                                        "model_kind": "policy", "init_from": str(init_from)})
+        ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+
+    # --- loop -------------------------------------------------------------------------------
+    writer = metrics_lib.MetricsWriter(stage_dir)
+    values = None
+    tokens_seen, t_last = 0, time.perf_counter()
+    t_start, cpu_start, start_step = t_last, time.process_time(), step
+    bar = metrics_lib.progress(total=config.steps, initial=step, desc=config.stage)
+    while step < config.steps:
+        host_batch = next(train_it)
+        tokens_seen += int(host_batch["mask"].sum())  # host numpy: no device sync
+        batch = common.place_batch(host_batch, mesh, rules)
+        params, opt_state, guard, m = update(params, opt_state, guard, held_ref, batch,
+                                             jnp.int32(step))
+        step += 1
+        last = step == config.steps
+        if step % config.log_every == 0 or last:
+            m = metrics_lib.to_host(m)  # waits for the step, so the clock below is honest
+            now = time.perf_counter()
+            # The first interval includes compilation.
+            values = writer.write(step, {**m, "perf/tokens_per_s": tokens_seen / (now - t_last)})
+            tokens_seen, t_last = 0, now
+            bar.set_postfix(metrics_lib.format_postfix(values, ["pref/loss"]))
+        if step % config.save_every == 0 or last:
+            common.raise_if_bad(guard, values)
+            save(step, force=last)
+        bar.update(1)
+    bar.close()
+    common.raise_if_bad(guard, values)
+    # Wall and CPU time of this run's training steps (first-step compile included), for the
+    # time budget; on a shared machine the CPU time (all threads) is the steadier number.
+    results = {"perf/train_wall_s": time.perf_counter() - t_start,
+               "perf/train_cpu_s": time.process_time() - cpu_start,
+               "perf/train_steps": float(step - start_step)}
+
+    # --- eval: test pairs -------------------------------------------------------------------
+    if config.eval_batches:
+        test_it = batching.make_iterator(
+            common.data_source(config.data, "pairs", "test", workdir), kind="pairs",
+            tokenizer=tok, extra_fields=extra,
+            config=common.batch_config(config.data, batch_size=config.data.batch_size,
+                                       seed=config.seed, shuffle=False, num_epochs=1,
+                                       drop_remainder=False), name="pairs/test")
+        results.update(_pair_eval(eval_terms, params, held_ref, test_it, config.eval_batches,
+                                  mesh, rules, gold=bool(extra)))
+
+    # --- eval: generation on held-out prompts (testbed: gold reward and KL) ------------------
+    if testbed is not None and config.gen.n_prompts:
+        gen = config.gen
+        common.require(gen.prompt_len + gen.max_new_tokens <= model_cfg.max_len,
+                       f"gen.prompt_len + gen.max_new_tokens = "
+                       f"{gen.prompt_len + gen.max_new_tokens} exceeds the model's max_len "
+                       f"{model_cfg.max_len}; lower one of them")
+        prompts_data = ml_collections.ConfigDict(config.data.to_dict())
+        prompts_data.n_train = prompts_data.n_test = int(gen.n_prompts)
+        prompt_cfg = batching.BatchConfig(
+            batch_size=gen.batch_size, buckets=(gen.prompt_len,),
+            max_prompt_len=min(config.data.max_prompt_len, gen.prompt_len - 1), seed=config.seed,
+            shuffle=False, num_epochs=1, drop_remainder=False)
+
+        def prompt_batches():
+            return batching.make_iterator(
+                common.data_source(prompts_data, "prompts", "test", workdir), kind="prompts",
+                tokenizer=tok, config=prompt_cfg, name="prompts/test")
+
+        kw = dict(testbed=testbed, tok=tok, seed=config.seed, max_new_tokens=gen.max_new_tokens,
+                  temperature=gen.temperature)
+        policy = generation_eval(graphdef, params, ref_params, prompt_batches(), **kw)
+        # with_kl as for the policy (a KL of ~0 here) so both share one compiled scorer.
+        ref = generation_eval(graphdef, ref_params, ref_params, prompt_batches(), **kw)
+        gain = policy["gold/reward"] - ref["gold/reward"]
+        results.update(policy)
+        results.update({"gold/ref_reward": ref["gold/reward"],
+                        "gold/ref_reward_std": ref["gold/reward_std"],
+                        "gen/ref_length": ref["gen/length"], "gold/gain": gain,
+                        "gold/gain_in_ref_std": gain / max(ref["gold/reward_std"], 1e-6)})
+    # One line for the last step: read_metrics keeps the last line per step.
+    writer.write(step, {**(values or {}), **results})
+    writer.close()
+    ckpt.close()
+    return stage_dir
+
+
+def _pair_eval(eval_terms, params, ref_params, test_it, max_batches, mesh, rules, *, gold):
+    """Implicit-reward accuracy and margin of the loss on test pairs, valid rows only.
+
+    eval/pref_accuracy and eval/pref_margin are the loss's own "<prefix>/accuracy" and
+    "<prefix>/margin" under loss-independent names, so ablations share a column; with gold
+    rewards also eval/gold_agreement, the fraction of pairs whose implicit-reward order matches
+    the gold order (noiseless, unlike the Bradley-Terry-sampled labels). Every metric of the
+    loss appears as eval/<name>.
+    """
+    sums, n, agree, n_gold = {}, 0.0, 0.0, 0.0
+    for i, host in enumerate(test_it):
+        if i >= max_batches:
+            break
+        batch = common.place_batch({k: v for k, v in host.items()
+                                    if k not in ("gold_chosen", "gold_rejected")}, mesh, rules)
+        m = jax.device_get(eval_terms(params, ref_params, batch)[1])   # {name: [B]}
+        valid = np.asarray(host["valid"]).astype(bool)
+        for k, v in m.items():
+            sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)[valid]))
+        n += float(np.sum(valid))
+        if gold:
+            margin = np.asarray(m[metric_prefix(m) + "/margin"])
+            gold_diff = np.asarray(host["gold_chosen"]) - np.asarray(host["gold_rejected"])
+            keep = valid & (gold_diff != 0)
+            agree += float(np.sum((np.sign(margin) == np.sign(gold_diff))[keep]))
+            n_gold += float(np.sum(keep))
+    if n == 0:
+        return {}
+    out = {f"eval/{k}": v / n for k, v in sums.items()}
+    prefix = metric_prefix(sums)
+    out["eval/pref_accuracy"] = out[f"eval/{prefix}/accuracy"]
+    out["eval/pref_margin"] = out[f"eval/{prefix}/margin"]
+    if gold and n_gold:
+        out["eval/gold_agreement"] = agree / n_gold
+    return out

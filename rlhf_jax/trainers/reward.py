@@ -1,0 +1,468 @@
+"""Reward-model stage: the SFT model plus a scalar head, fit to preference pairs, then normalised.
+
+    stage_dir = reward.train(config, workdir)     # writes workdir/rm/, returns it
+    reward.results(stage_dir)                     # the normalisation and evaluation numbers
+
+Where it starts. `config.init_from` names the SFT stage directory; empty means WORKDIR/sft, the
+directory `sft.train` writes in the same workdir. The backbone is copied from that policy and a
+fresh scalar head is added (`common.load_stage(..., kind="reward")`; Ouyang et al. 2022 sec. 3.5,
+Ziegler et al. 2019 sec. 2.2: the reward model starts from the supervised policy).
+
+What it trains. `config.loss` is a "reward_loss" registry spec: "bradley_terry" (default) or
+"bradley_terry(margin=0.5)" for a fixed margin m in -log sigmoid(r+ - r- - m). The pairs batch
+holds the B chosen rows then the B rejected rows ([2B, T]), so both are scored in one forward
+pass. One epoch over the training pairs by default: steps = epochs * n_train // batch_size
+unless `config.steps` is set. A K-wise loss (one taking `rewards` [B, K], i.e.
+loss="plackett_luce") trains on the testbed's "rankings" lists instead (data.n_train lists of
+K = 4 responses, best first; `rankings_iterator`), all K * B rows again in one forward pass;
+its evaluation still uses the test split of the pairs, so the numbers compare across losses.
+
+After training: reward normalisation. A Bradley–Terry model is defined up to an additive
+constant and, with early stopping, an arbitrary scale, so a KL coefficient tuned against one
+reward model would mean something else against the next. As in Ziegler et al. 2019 (sec. 2.2,
+"we normalise the reward model to have mean 0 and variance 1 on samples from the initial
+policy"; lm-human-preferences `reward_gain`/`reward_bias`), we sample completions of training
+prompts from the SFT policy, score them, and fold r' = gain * r + bias with gain = 1 / std and
+bias = -mean / std into the head: kernel <- gain * kernel, head bias <- gain * head bias + bias.
+Folding (instead of two extra variables) keeps the checkpoint an ordinary RewardModel that any
+later stage loads with `common.load_stage(rm_dir, kind="reward")`.
+
+Evaluation, on the test split of the pairs: `rm/eval_accuracy` (agreement with the labels,
+which carry Bradley–Terry noise) and, when the pairs carry gold rewards (the testbed),
+`rm/eval_gold_accuracy` (agreement with the gold ordering, pairs with equal gold reward left
+out) and `rm/eval_gold_accuracy_far` (only pairs whose gold rewards differ by more than one
+standard deviation of the gold reward over the SFT samples drawn for the normalisation). An RM
+tie counts as half right.
+
+Checkpoints and resume. Training checkpoints are written every `save_every` steps; re-running
+resumes from the latest one exactly like SFT. The final checkpoint (step = steps) is written
+only after normalisation and evaluation, holds the normalised parameters, and its meta carries
+model_kind="reward", "normalization", "eval" and "score_probe" (the normalised scores of the
+first 8 SFT samples, to check a hand-off); finding it, a re-run does nothing.
+"""
+
+import time
+from pathlib import Path
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from flax import nnx
+
+from rlhf_jax import checkpoint, metrics as metrics_lib, model, registry, sampling
+from rlhf_jax.data import batching, records
+from rlhf_jax.trainers import common
+
+STAGE = "rm"
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.init_from = ""            # the SFT stage directory; "" = WORKDIR/sft
+    c.loss = "bradley_terry"    # a reward_loss registry spec, e.g. "bradley_terry(margin=0.5)"
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
+    # Preference pairs. n_train / n_test / seed / tau / flip_rate size and label the synthetic
+    # testbed's pairs; with source="tfds", `name` is the prepared pairs dataset.
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", name="", data_dir="", n_train=10_000, n_test=1_000, seed=0,
+        tau=1.0, flip_rate=0.0, buckets=(48,), max_prompt_len=12, batch_size=64))
+    # Tuned on the default testbed run (see experiments/reward.py): lr 1e-4 stays at chance
+    # after one epoch, 2e-3 reaches the acceptance gold accuracies in one epoch.
+    c.optim = common.optim_config(lr=2e-3, warmup_steps=10, weight_decay=0.0)
+    c.epochs = 1                # passes over the training pairs when steps == 0
+    c.steps = 0                 # 0: epochs * data.n_train // data.batch_size
+    # Normalisation samples: completions of training prompts sampled from the SFT policy.
+    # prompts_name is the prepared prompts dataset when data.source="tfds".
+    c.norm = ml_collections.ConfigDict(dict(
+        n_samples=1024, batch_size=256, temperature=1.0, max_new_tokens=0,
+        prompts_name="", prompts_n_train=4_000, prompts_n_test=500))
+    c.log_every = 20
+    c.save_every = 100
+    c.keep = 2
+    c.eval_batches = 0          # 0: the whole test split
+    return c
+
+
+def _check_config(config):
+    common.require(config.data.source in ("synthetic", "tfds"),
+                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+    registry.validate("reward_loss", config.loss)
+    common.require(_data_kind(config) == "pairs" or config.data.source == "synthetic",
+                   f"loss={config.loss!r} trains on ranked lists, which only the synthetic "
+                   "testbed provides here; use data.source='synthetic' or a pairwise loss")
+    common.require(config.steps >= 0, f"steps={config.steps} must be >= 0 (0: derive from epochs)")
+    common.require(config.steps > 0 or config.epochs > 0,
+                   f"epochs={config.epochs} must be positive when steps=0")
+    common.require(config.data.batch_size > 0,
+                   f"data.batch_size={config.data.batch_size} must be positive")
+    common.require(config.norm.n_samples > 1 and config.norm.batch_size > 0,
+                   f"norm.n_samples={config.norm.n_samples} must be > 1 and norm.batch_size="
+                   f"{config.norm.batch_size} positive")
+    common.require(config.norm.temperature > 0,
+                   f"norm.temperature={config.norm.temperature} must be positive: the "
+                   "normalisation is over samples of the SFT policy")
+
+
+def _data_kind(config) -> str:
+    """"rankings" for a K-wise loss (one that takes `rewards` [B, K]), else "pairs"."""
+    fn = registry.get("reward_loss", config.loss)
+    return "pairs" if registry.accepts(fn, "chosen_rewards") else "rankings"
+
+
+def resolve_init_from(config, workdir: Path) -> Path:
+    """The SFT stage directory: config.init_from, or WORKDIR/sft when it is empty."""
+    init_from = Path(config.init_from) if config.init_from else workdir / "sft"
+    common.require(checkpoint.stage_has_checkpoint(init_from),
+                   f"init_from={str(init_from)!r} holds no complete SFT checkpoint"
+                   f"{' (the default, WORKDIR/sft)' if not config.init_from else ''}; run "
+                   "experiments.sft in this workdir first, or set --config.init_from=DIR to a "
+                   "finished SFT stage directory")
+    with checkpoint.Checkpointer(init_from) as ckpt:
+        kind = ckpt.restore_meta().get("model_kind", "policy")
+    # The normalisation samples from this model, so it must be a policy.
+    common.require(kind == "policy", f"init_from={str(init_from)!r} holds a {kind} model; "
+                                     "point --config.init_from at the SFT stage directory")
+    return init_from
+
+
+def total_steps(config) -> int:
+    if config.steps:
+        return int(config.steps)
+    steps = int(config.epochs * config.data.n_train) // int(config.data.batch_size)
+    common.require(steps > 0, f"epochs * data.n_train = {config.epochs * config.data.n_train} "
+                              f"is less than one batch of {config.data.batch_size}")
+    return steps
+
+
+def fold_normalization(params, gain, bias):
+    """Reward-model params whose output is gain * r + bias: scales the head kernel by gain and
+    maps the head bias b to gain * b + bias. gain, bias: float scalars. Inputs are unchanged."""
+    pure = nnx.to_pure_dict(params)
+    head = pure["head"]
+    head["kernel"] = head["kernel"] * jnp.asarray(gain, head["kernel"].dtype)
+    head["bias"] = (head["bias"] * jnp.asarray(gain, head["bias"].dtype)
+                    + jnp.asarray(bias, head["bias"].dtype))
+    new_params = jax.tree.map(lambda x: x, params)   # a structural copy to fill in
+    nnx.replace_by_pure_dict(new_params, pure)
+    return new_params
+
+
+def pair_accuracies(r_chosen, r_rejected, *, valid=None, gold_chosen=None, gold_rejected=None,
+                    far=None) -> dict:
+    """Held-out accuracies from per-pair scores (host numpy, shapes [N]).
+
+    rm/eval_accuracy: the RM prefers the labelled choice (a tie counts half). With gold rewards:
+    rm/eval_gold_accuracy against the gold ordering over pairs with different gold rewards, and,
+    given `far` (a gold-reward gap), rm/eval_gold_accuracy_far over pairs with |gap| > far.
+    """
+    rc, rr = np.asarray(r_chosen, np.float64), np.asarray(r_rejected, np.float64)
+    keep = np.ones(rc.shape, bool) if valid is None else np.asarray(valid) > 0
+    win = np.where(rc > rr, 1.0, np.where(rc == rr, 0.5, 0.0))
+    out = {"rm/eval_accuracy": float(np.mean(win[keep])), "rm/eval_pairs": float(keep.sum())}
+    if gold_chosen is None:
+        return out
+    gap = np.asarray(gold_chosen, np.float64) - np.asarray(gold_rejected, np.float64)
+    rm_gap = rc - rr
+    agree = np.where(rm_gap == 0, 0.5, (np.sign(rm_gap) == np.sign(gap)).astype(np.float64))
+    ordered = keep & (gap != 0)
+    out["rm/eval_gold_accuracy"] = float(np.mean(agree[ordered]))
+    if far is not None:
+        is_far = keep & (np.abs(gap) > far)
+        out["rm/eval_gold_accuracy_far"] = (float(np.mean(agree[is_far])) if is_far.any()
+                                            else float("nan"))
+        out["rm/eval_far_pairs"] = float(is_far.sum())
+    return out
+
+
+def results(stage_dir) -> dict:
+    """The normalisation and evaluation numbers stored in a finished stage's final checkpoint."""
+    with checkpoint.Checkpointer(stage_dir) as ckpt:
+        meta = ckpt.restore_meta()
+    common.require("normalization" in meta,
+                   f"{stage_dir} holds no finished reward-model stage (no normalisation yet); "
+                   "run reward.train to the end")
+    return {**meta["normalization"], **meta["eval"]}
+
+
+@jax.jit
+def _canonical(*trees):
+    """The trees unchanged, with shardings in the form jitted outputs give them (see train)."""
+    return trees
+
+
+def _sub_data(data, **changes) -> ml_collections.ConfigDict:
+    """A copy of the data config with some fields changed (e.g. another dataset's sizes)."""
+    out = ml_collections.ConfigDict(data.to_dict())
+    out.update(changes)
+    return out
+
+
+def train(config, workdir) -> Path:
+    workdir = Path(workdir)
+    stage_dir = workdir / STAGE
+
+    # --- config, mesh -------------------------------------------------------------------------
+    _check_config(config)
+    init_from = resolve_init_from(config, workdir)
+    steps = total_steps(config)
+    mesh, rules = common.setup_mesh(config, config.data.batch_size, config.norm.batch_size)
+    ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
+                                   save_interval_steps=config.save_every)
+    if ckpt.latest_step() is not None and "normalization" in ckpt.restore_meta():
+        ckpt.close()   # a finished stage: its final checkpoint is already normalised
+        return stage_dir
+
+    # --- model: SFT backbone + fresh scalar head ----------------------------------------------
+    graphdef, params, model_cfg, tok, _ = common.load_stage(
+        init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed)
+    common.require(max(config.data.buckets) <= model_cfg.max_len,
+                   f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
+                   f"max_len is {model_cfg.max_len}; lower data.buckets")
+
+    # --- data ---------------------------------------------------------------------------------
+    gold_fields = ("gold_chosen", "gold_rejected") if config.data.source == "synthetic" else ()
+    kind = _data_kind(config)
+    train_cfg = common.batch_config(config.data, batch_size=config.data.batch_size,
+                                    seed=config.seed)
+    train_source = common.data_source(config.data, kind, "train", workdir)
+    if kind == "pairs":
+        train_it = batching.make_iterator(train_source, kind="pairs", tokenizer=tok,
+                                          config=train_cfg, name="pairs/train")
+    else:
+        train_it = rankings_iterator(train_source, tokenizer=tok, config=train_cfg,
+                                     name="rankings/train")
+
+    # --- update step --------------------------------------------------------------------------
+    loss_spec = registry.get("reward_loss", config.loss)
+    optimizer = common.make_optimizer(config.optim, steps)
+    opt_state = jax.jit(optimizer.init)(params)
+
+    def score(params, tokens, mask):
+        return model.apply_reward(graphdef, params, tokens, mask_bt=mask)
+
+    def loss_fn(params, batch):
+        # One forward pass over all K * B rows (pairs: K = 2, the B chosen rows first), then
+        # [B, K] with column k the k-th ranked response, best first.
+        r = score(params, batch["tokens"], batch["mask"])
+        b = batch["valid"].shape[0]
+        rewards_bk = r.reshape(r.shape[0] // b, b).T
+        return registry.call(loss_spec, chosen_rewards=rewards_bk[:, 0],
+                             rejected_rewards=rewards_bk[:, 1], rewards=rewards_bk)
+
+    def update(params, opt_state, guard, batch, step):
+        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        params, opt_state, guard, grad_norm = common.guarded_apply(
+            optimizer, params, opt_state, grads, loss, guard, step)
+        return params, opt_state, guard, {**m, "rm/total_loss": loss, "rm/grad_norm": grad_norm}
+
+    update = jax.jit(update, donate_argnums=(0, 1))
+    score_jit = jax.jit(score)
+
+    # --- checkpoint: resume -------------------------------------------------------------------
+    guard = common.init_guard()
+    step = 0
+    if ckpt.latest_step() is not None:
+        params, train_state, meta = ckpt.restore(
+            params=checkpoint.abstract(params), train=checkpoint.abstract({"opt": opt_state}))
+        opt_state = train_state["opt"]
+        train_it.set_state(meta["data_state"])
+        step = meta["step"]
+
+    def save(step, extra=None, force=False):
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, extra={
+            "data_state": train_it.get_state(), "model_kind": "reward",
+            "init_from": str(init_from), **(extra or {})})
+        ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+
+    # --- loop ---------------------------------------------------------------------------------
+    # Loaded arrays spell their sharding P(None, None) where the update's outputs spell the same
+    # layout P(); jit keys its cache on the spelling, so the second step would compile the
+    # update again (seconds on a CPU). One jitted identity gives the inputs the outputs' form.
+    params, opt_state, guard = _canonical(params, opt_state, guard)
+    writer = metrics_lib.MetricsWriter(stage_dir)
+    values = None
+    bar = metrics_lib.progress(total=steps, initial=step, desc="rm")
+    t0 = time.perf_counter()
+    while step < steps:
+        batch = common.place_batch(next(train_it), mesh, rules)
+        params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
+        step += 1
+        last = step == steps
+        if step % config.log_every == 0 or last:
+            values = writer.write(step, {**m, "rm/epoch": train_it.epoch})
+            bar.set_postfix(metrics_lib.format_postfix(
+                values, ["rm/loss", "rm/accuracy", "rm/pairwise_accuracy"]))
+        # The last step is saved only after normalisation, below: its checkpoint is the result.
+        if step % config.save_every == 0 and not last:
+            common.raise_if_bad(guard, values)
+            save(step)
+        bar.update(1)
+    bar.close()
+    common.raise_if_bad(guard, values)
+    train_seconds = time.perf_counter() - t0
+
+    # --- normalisation on SFT samples (Ziegler et al. 2019 sec. 2.2) --------------------------
+    policy_graphdef, policy_params, _, _, _ = common.load_stage(
+        init_from, kind="policy", mesh=mesh, rules=rules, seed=config.seed)
+    samples = sample_policy(config, workdir, (policy_graphdef, policy_params), tok, mesh, rules)
+    sample_batches = [common.place_batch({"tokens": t, "mask": m}, mesh, rules)
+                      for t, m in zip(samples["tokens"], samples["mask"])]
+    raw = np.concatenate([np.asarray(score_jit(params, b["tokens"], b["mask"]))
+                          for b in sample_batches])
+    mean, std = float(raw.mean()), float(raw.std())
+    common.require(std > 0, "the reward model gives every SFT sample the same score; it cannot "
+                            "be normalised (check the training metrics in rm/metrics.jsonl)")
+    gain, bias = 1.0 / std, -mean / std
+    params = _canonical(fold_normalization(params, gain, bias))[0]
+    after = np.concatenate([np.asarray(score_jit(params, b["tokens"], b["mask"]))
+                            for b in sample_batches])
+    norm = {"rm/norm_gain": gain, "rm/norm_bias": bias, "rm/norm_mean_before": mean,
+            "rm/norm_std_before": std, "rm/norm_mean_after": float(after.mean()),
+            "rm/norm_std_after": float(after.std()), "rm/norm_samples": float(raw.size)}
+    if samples["gold"] is not None:
+        norm["rm/sft_gold_mean"] = float(samples["gold"].mean())
+        norm["rm/sft_gold_std"] = float(samples["gold"].std())
+
+    # --- eval: held-out pairs -----------------------------------------------------------------
+    test_it = batching.make_iterator(
+        common.data_source(config.data, "pairs", "test", workdir), kind="pairs", tokenizer=tok,
+        config=common.batch_config(config.data, batch_size=config.data.batch_size,
+                                   seed=config.seed, shuffle=False, num_epochs=1,
+                                   drop_remainder=False),
+        extra_fields=gold_fields, name="pairs/test")
+    cols = {k: [] for k in ("rc", "rr", "valid", *gold_fields)}
+    for i, host_batch in enumerate(test_it):
+        if config.eval_batches and i >= config.eval_batches:
+            break
+        batch = common.place_batch(host_batch, mesh, rules)
+        r = np.asarray(score_jit(params, batch["tokens"], batch["mask"]))
+        b = r.shape[0] // 2
+        cols["rc"].append(r[:b])
+        cols["rr"].append(r[b:])
+        for k in ("valid", *gold_fields):
+            cols[k].append(host_batch[k])
+    cols = {k: np.concatenate(v) for k, v in cols.items()}
+    evals = pair_accuracies(
+        cols["rc"], cols["rr"], valid=cols["valid"], gold_chosen=cols.get("gold_chosen"),
+        gold_rejected=cols.get("gold_rejected"), far=norm.get("rm/sft_gold_std"))
+    evals["rm/train_seconds"] = train_seconds
+
+    # read_metrics keeps one line per step, so the last training values ride along here.
+    writer.write(step, {**(values or {}), **norm, **evals})
+    writer.close()
+    # The first normalised scores ride along so a later load can check it got this very model.
+    save(step, extra={"normalization": norm, "eval": evals,
+                      "score_probe": [float(x) for x in after[:8]]}, force=True)
+    ckpt.close()
+    return stage_dir
+
+
+def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
+    """Completions of training prompts sampled from `policy` = (graphdef, params).
+
+    Returns {"tokens": [[B, P + N]] host arrays per batch, "mask": same (1 on the real prompt
+    and the completion up to and including eos), "gold": [n] gold rewards or None (not the
+    testbed)}.
+    Prompts are left-padded to data.max_prompt_len; N = norm.max_new_tokens, or what is left of
+    max(data.buckets) when 0, so samples are as long as the training sequences can be.
+    """
+    norm = config.norm
+    prompt_len = int(config.data.max_prompt_len)
+    new_tokens = int(norm.max_new_tokens) or max(config.data.buckets) - prompt_len
+    common.require(new_tokens > 0, f"norm.max_new_tokens={new_tokens} leaves no room to sample")
+    if config.data.source == "synthetic":
+        pdata = _sub_data(config.data, n_train=norm.prompts_n_train, n_test=norm.prompts_n_test)
+    else:
+        common.require(bool(norm.prompts_name), "norm.prompts_name must name the prepared prompts "
+                                                "dataset when data.source='tfds'")
+        pdata = _sub_data(config.data, name=norm.prompts_name)
+    prompts_it = batching.make_iterator(
+        common.data_source(pdata, "prompts", "train", workdir), kind="prompts", tokenizer=tok,
+        config=batching.BatchConfig(batch_size=norm.batch_size,
+                                    buckets=(prompt_len, max(config.data.buckets)),
+                                    max_prompt_len=prompt_len, seed=config.seed),
+        name="prompts/train")
+    gold_fn = common.testbed().gold_reward if config.data.source == "synthetic" else None
+    rng = jax.random.key(config.seed)
+    tokens, masks, golds, n = [], [], [], 0
+    while n < norm.n_samples:
+        host = next(prompts_it)
+        batch = common.place_batch({k: host[k] for k in ("tokens", "mask")}, mesh, rules)
+        rng, key = jax.random.split(rng)
+        comp, comp_mask, _ = sampling.generate(
+            policy, batch["tokens"], batch["mask"], key, max_new_tokens=new_tokens,
+            temperature=float(norm.temperature), eos_id=tok.eos_id, pad_id=tok.pad_id)
+        seq = jnp.concatenate([batch["tokens"], comp], axis=1)
+        seq_mask = jnp.concatenate([batch["mask"].astype(jnp.int32),
+                                    comp_mask.astype(jnp.int32)], axis=1)
+        tokens.append(np.asarray(seq))
+        masks.append(np.asarray(seq_mask))
+        if gold_fn is not None:
+            completion_mask = jnp.concatenate([jnp.zeros_like(batch["mask"], jnp.int32),
+                                               comp_mask.astype(jnp.int32)], axis=1)
+            golds.append(np.asarray(gold_fn(seq, completion_mask)))
+        n += seq.shape[0]
+    # The last batch may overshoot n_samples; keep every sample (they are all from the policy).
+    return {"tokens": tokens, "mask": masks,
+            "gold": np.concatenate(golds) if golds else None}
+
+
+def rankings_iterator(source, *, tokenizer, config: batching.BatchConfig,
+                      name: str = "rankings") -> batching.BatchIterator:
+    """K-wise batches of ranked lists {prompt, responses [K] best first} for Plackett–Luce.
+
+    Returns a checkpointable iterator of {"tokens" [K*B, T], "mask" [K*B, T], "valid" [B]}:
+    rows k*B .. (k+1)*B - 1 hold the k-th ranked response of each prompt (so for K = 2 the
+    layout is the pairs batch's, chosen first), right-padded `[bos] prompt response [eos]`,
+    truncated by `batching.truncate`'s rule. Every list in the source must have the same K.
+    """
+    enc = batching.TextEncoder(tokenizer)
+
+    def text(value, index, field):
+        if isinstance(value, bytes):
+            value = value.decode("utf-8")
+        if not isinstance(value, str):
+            raise records.DataError(file=name, index=index, field=field,
+                                     reason=f"expected text, got {type(value).__name__}")
+        return value
+
+    def fetch(index):
+        index = int(index)
+        record = source[index]
+        prompt = enc.prompt(text(record["prompt"], index, "prompt"))
+        rows = []
+        for response in record["responses"]:
+            p, r = batching.truncate(prompt, enc.response(text(response, index, "responses")),
+                                     max_prompt_len=config.max_prompt_len,
+                                     max_len=config.max_len, bos_id=tokenizer.bos_id)
+            rows.append(p + r)
+        return rows
+
+    def collate(examples):
+        ks = {len(ex) for ex in examples}
+        if len(ks) != 1:
+            raise records.DataError(file=name, index=None, field="responses",
+                                     reason=f"lists of different lengths {sorted(ks)} in a batch")
+        k, b = ks.pop(), len(examples)
+        seqs = [ex[j] for j in range(k) for ex in examples]
+        length = batching.bucket_length(max(len(x) for x in seqs), config.buckets)
+        tokens = np.full((k * b, length), tokenizer.pad_id, np.int32)
+        mask = np.zeros((k * b, length), np.int32)
+        for row, seq in enumerate(seqs):
+            tokens[row, :len(seq)] = seq
+            mask[row, :len(seq)] = 1
+        return {"tokens": tokens, "mask": mask, "valid": np.ones(b, np.int32)}
+
+    n = len(source)
+    ds = grain.MapDataset.range(n)
+    if config.shuffle:
+        ds = ds.shuffle(seed=config.seed)
+    ds = ds.repeat(config.num_epochs).map(fetch).batch(config.batch_size, drop_remainder=True,
+                                                       batch_fn=collate)
+    fingerprint = dict(kind="rankings", num_examples=n, batch_size=config.batch_size,
+                       seed=config.seed, shuffle=config.shuffle, buckets=list(config.buckets))
+    return batching.BatchIterator(ds, fingerprint=fingerprint, num_examples=n,
+                                  batch_size=config.batch_size)

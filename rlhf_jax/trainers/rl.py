@@ -1,0 +1,353 @@
+"""On-policy RL from a reward: PPO, GRPO, RLOO and REINFORCE share this one trainer.
+
+    stage_dir = rl.train(config, workdir)      # writes workdir/<config.stage>/ (default "ppo")
+
+Each iteration:
+  1. rollout   sample completions of a batch of prompts (G per prompt) with the KV-cache
+               sampler; score them with the reward model (or the testbed's gold reward:
+               "PPO-GT"); subtract a penalty from responses that never emit EOS;
+  2. score     one forward pass each of the policy (old log-probs), the frozen reference
+               (reference log-probs, once per batch) and, for GAE, the critic;
+  3. rewards   KL to the reference as a per-token shaped reward (Ziegler et al. 2019) or as a
+               loss term (GRPO, Shao et al. 2024), by config; optional reward clipping and
+               scaling;
+  4. advantage by `config.advantage` from the registry: gae (critic), grpo, dr_grpo, rloo,
+               reinforce;
+  5. update    `config.policy_loss` (ppo_clip by default) plus the value loss, over
+               ppo.epochs x ppo.minibatches inside one jit (lax.scan), donated state;
+  6. KL controller update (fixed or adaptive, from the registry).
+
+Algorithms are configs, not code paths: PPO = gae + ppo_clip + KL in the reward; GRPO = grpo +
+ppo_clip + KL in the loss + G > 1; RLOO = rloo + reinforce + G > 1.
+"""
+
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from rlhf_jax import advantages as adv_lib
+from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry, sampling
+from rlhf_jax import metrics as metrics_lib
+from rlhf_jax.aggregation import aggregate, masked_mean
+from rlhf_jax.data import batching, synthetic
+from rlhf_jax.trainers import common
+
+
+def default_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.stage = "ppo"
+    c.init_from = ""             # the SFT stage directory ("" = WORKDIR/sft)
+    c.reward_from = ""           # the reward-model stage directory ("" = WORKDIR/rm)
+    c.reward = "model"           # "model" (r_phi) or "gold" (the testbed's r*: PPO-GT)
+    c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
+    c.data = ml_collections.ConfigDict(dict(
+        source="synthetic", name="", data_dir="", n_train=4_000, n_test=500, seed=0,
+        buckets=(12,), max_prompt_len=11))
+    c.rollout = ml_collections.ConfigDict(dict(
+        prompts_per_step=64, samples_per_prompt=1, max_new_tokens=24, temperature=1.0))
+    c.advantage = "gae(gamma=1.0, lam=0.95)"
+    c.policy_loss = "ppo_clip(clip_eps=0.2)"
+    c.loss_agg = "token_mean"
+    c.kl = ml_collections.ConfigDict(dict(
+        coef=0.05, estimator="k1", in_reward=True, controller="fixed"))
+    c.value = ml_collections.ConfigDict(dict(coef=0.1, clip_eps=0.2))
+    c.ppo = ml_collections.ConfigDict(dict(epochs=2, minibatches=2))
+    c.missing_eos_penalty = 1.0  # subtracted from the score of a response without EOS
+    c.reward_clip = 0.0          # clip scores to [-c, c]; 0 = off
+    c.whiten_advantages = True
+    c.entropy_coef = 0.0
+    c.optim = common.optim_config(lr=3e-4, warmup_steps=5, schedule="constant")
+    c.steps = 60
+    c.log_every = 5
+    c.save_every = 20
+    c.eval_every = 10
+    c.eval_prompts = 256
+    c.keep = 2
+    return c
+
+
+def _validate(config):
+    r = config.rollout
+    common.require(config.reward in ("model", "gold"),
+                   f"reward={config.reward!r}; choose 'model' or 'gold'")
+    common.require(config.reward == "model" or config.data.source == "synthetic",
+                   "reward='gold' needs the synthetic testbed (data.source='synthetic')")
+    for kind, key in (("advantage", "advantage"), ("policy_loss", "policy_loss"),
+                      ("loss_agg", "loss_agg")):
+        registry.validate(kind, config[key])
+    registry.validate("kl_estimator", config.kl.estimator)
+    registry.validate("kl_controller", config.kl.controller)
+    n = r.prompts_per_step * r.samples_per_prompt
+    common.require(n % config.ppo.minibatches == 0,
+                   f"rollout size {n} (prompts_per_step x samples_per_prompt) is not divisible "
+                   f"by ppo.minibatches={config.ppo.minibatches}")
+    group_based = registry.accepts(registry.get("advantage", config.advantage), "group_size")
+    common.require(not group_based or r.samples_per_prompt >= 2,
+                   f"advantage {config.advantage!r} compares samples of the same prompt: set "
+                   "rollout.samples_per_prompt >= 2")
+    return n
+
+
+def train(config, workdir) -> Path:
+    workdir = Path(workdir)
+    stage_dir = workdir / config.stage
+    n_rollout = _validate(config)
+    r = config.rollout
+    group = r.samples_per_prompt
+
+    # --- mesh, models -----------------------------------------------------------------------
+    mesh, rules = common.setup_mesh(config, n_rollout, n_rollout // config.ppo.minibatches)
+    sft_dir = config.init_from or str(workdir / "sft")
+    graphdef, ref_params, model_cfg, tok, _ = common.load_stage(sft_dir, mesh=mesh, rules=rules)
+    policy_params = jax.tree.map(jnp.copy, ref_params)
+    adv_fn = registry.get("advantage", config.advantage)
+    uses_critic = registry.accepts(adv_fn, "values")
+    reward = None
+    if config.reward == "model":
+        rm_dir = config.reward_from or str(workdir / "rm")
+        reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules)
+    if uses_critic:
+        # The critic starts from the reward model (Ziegler et al. 2019; Ouyang et al. 2022), or
+        # from the SFT policy when optimising the gold reward, with a zero value head, so early
+        # values are 0 and advantages are the returns.
+        if reward is not None:
+            value_graphdef, value_params = common.value_from_reward(
+                reward, mesh=mesh, rules=rules, seed=config.seed)
+        else:
+            value_graphdef, value_params = common.load_stage(
+                sft_dir, kind="value", mesh=mesh, rules=rules, seed=config.seed)[:2]
+    else:
+        value_graphdef, value_params = None, {}
+    testbed = common.testbed() if config.data.source == "synthetic" else None
+    tables = None if testbed is None else testbed.tables
+    p_len = max(config.data.buckets)
+    common.require(p_len + r.max_new_tokens <= model_cfg.max_len,
+                   f"prompt bucket {p_len} + rollout.max_new_tokens {r.max_new_tokens} exceeds "
+                   f"the model's max_len {model_cfg.max_len}")
+
+    # --- data ----------------------------------------------------------------------------------
+    prompt_it = batching.make_iterator(
+        common.data_source(config.data, "prompts", "train", workdir), kind="prompts",
+        tokenizer=tok, config=common.batch_config(config.data, batch_size=r.prompts_per_step,
+                                                  seed=config.seed), name="prompts/train")
+
+    # --- losses from the registry ---------------------------------------------------------------
+    policy_loss_fn = registry.get("policy_loss", config.policy_loss)
+    controller = registry.get("kl_controller", config.kl.controller)
+    kl_estimator = config.kl.estimator
+
+    # --- rollout scoring: old, reference, values, reward (one jit) ------------------------------
+    def score(policy_params, ref_params, value_params, rm_params, prompt, prompt_mask,
+              completion, completion_mask):
+        seq, seq_mask = evaluation.join(prompt, prompt_mask, completion, completion_mask)
+        logps = evaluation.completion_logps(graphdef, policy_params, seq, seq_mask, completion,
+                                            completion_mask, temperature=r.temperature)
+        ref_logps = evaluation.completion_logps(graphdef, ref_params, seq, seq_mask, completion,
+                                                completion_mask, temperature=r.temperature)
+        has_eos = jnp.any((completion == tok.eos_id) & (completion_mask > 0), axis=1)
+        out = {"seq": seq, "seq_mask": seq_mask, "logps": logps, "ref_logps": ref_logps,
+               "has_eos": has_eos}
+        if tables is not None:
+            out["gold"] = synthetic.gold_reward_from_tables(
+                tables, seq, evaluation.gold_mask(prompt_mask, completion_mask))
+        if rm_params is not None:
+            out["rm"] = model.apply_reward(reward[0], rm_params, seq, mask_bt=seq_mask)
+        scores = out["gold"] if config.reward == "gold" else out["rm"]
+        scores = scores - config.missing_eos_penalty * (~has_eos).astype(jnp.float32)
+        if config.reward_clip:
+            scores = jnp.clip(scores, -config.reward_clip, config.reward_clip)
+        out["scores"] = scores
+        if uses_critic:
+            values = model.apply_value(value_graphdef, value_params, seq, mask_bt=seq_mask)
+            out["values"] = values[:, p_len - 1:-1] * completion_mask
+        for kind in ("k1", "k3"):  # sequence-level KL to the reference, for the metrics
+            out[f"seq_kl_{kind}"] = jnp.sum(kl_lib.estimate(
+                logps=logps, ref_logps=ref_logps, kind=kind, mask=completion_mask), axis=1)
+        return out
+
+    score = jax.jit(score)
+
+    def make_targets(rollout, completion_mask, kl_coef):
+        """Per-token rewards, advantages and returns of a scored rollout."""
+        m = completion_mask
+        # KL as a shaped reward, or (kl.in_reward=False) only the score, the KL going to the loss.
+        rewards = adv_lib.kl_shaped_rewards(
+            scores=rollout["scores"], logps=rollout["logps"], ref_logps=rollout["ref_logps"],
+            mask=m, kl_coef=kl_coef if config.kl.in_reward else 0.0, estimator=kl_estimator)
+        advantages, returns = registry.call(adv_fn, rewards=rewards, mask=m,
+                                            values=rollout.get("values"), group_size=group)
+        if config.whiten_advantages:
+            advantages = adv_lib.whiten(advantages, m)
+        return advantages, returns
+
+    make_targets = jax.jit(make_targets)
+
+    # --- update: epochs x minibatches in one jit --------------------------------------------
+    optimizer = common.make_optimizer(config.optim, config.steps * config.ppo.epochs
+                                      * config.ppo.minibatches)
+    params = {"policy": policy_params, "value": value_params}
+    opt_state = jax.jit(optimizer.init)(params)
+
+    def loss_fn(params, mb, kl_coef):
+        logits, _ = model.apply(graphdef, params["policy"], mb["seq"], mask_bt=mb["seq_mask"])
+        logits = logits[:, p_len - 1:-1]
+        m = mb["completion_mask"]
+        logps = model.token_logprobs(logits, mb["completion"], m, temperature=r.temperature)
+        loss, metrics = registry.call(policy_loss_fn, logps=logps, old_logps=mb["logps"],
+                                      advantages=mb["advantages"], mask=m, agg=config.loss_agg)
+        ent = aggregate(model.entropy(logits, m, temperature=r.temperature), m, config.loss_agg)
+        metrics["policy/entropy"] = ent
+        loss = loss - config.entropy_coef * ent
+        if not config.kl.in_reward:
+            kl_t = kl_lib.estimate(logps=logps, ref_logps=mb["ref_logps"], kind=kl_estimator,
+                                   mask=m)
+            kl_loss = aggregate(kl_t, m, config.loss_agg)
+            loss = loss + kl_coef * kl_loss
+            metrics["objective/kl_loss"] = kl_loss
+        if uses_critic:
+            values = model.apply_value(value_graphdef, params["value"], mb["seq"],
+                                       mask_bt=mb["seq_mask"])[:, p_len - 1:-1]
+            vloss, vmetrics = losses.value_loss(values=values, old_values=mb["values"],
+                                                returns=mb["returns"], mask=m,
+                                                clip_eps=config.value.clip_eps,
+                                                agg=config.loss_agg)
+            loss = loss + config.value.coef * vloss
+            metrics.update(vmetrics)
+        metrics["train/loss"] = loss
+        return loss, metrics
+
+    def update(params, opt_state, guard, batch, rng, kl_coef, step):
+        e, k = config.ppo.epochs, config.ppo.minibatches
+        perms = jax.vmap(lambda key: jax.random.permutation(key, n_rollout))(
+            jax.random.split(rng, e))
+        order = perms.reshape(e * k, n_rollout // k)
+
+        def one(carry, idx):
+            params, opt_state, guard = carry
+            mb = jax.tree.map(lambda x: x[idx], batch)
+            (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, kl_coef)
+            params, opt_state, guard, grad_norm = common.guarded_apply(
+                optimizer, params, opt_state, grads, loss, guard, step)
+            return (params, opt_state, guard), {**m, "train/grad_norm": grad_norm}
+
+        (params, opt_state, guard), ms = jax.lax.scan(one, (params, opt_state, guard), order)
+        return params, opt_state, guard, jax.tree.map(jnp.mean, ms)
+
+    update = jax.jit(update, donate_argnums=(0, 1))
+
+    # --- checkpoint: resume ------------------------------------------------------------------------
+    rng = jax.random.key(config.seed)
+    kl_state = kl_lib.init_controller(config.kl.coef)
+    guard = common.init_guard()
+    step = 0
+    ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
+                                   save_interval_steps=config.save_every)
+    if ckpt.latest_step() is not None:
+        policy, train_state, meta = ckpt.restore(
+            params=checkpoint.abstract(params["policy"]),
+            train=checkpoint.abstract({"opt": opt_state, "rng": rng, "kl": kl_state,
+                                       "value": params["value"]}))
+        params = {"policy": policy, "value": train_state["value"]}
+        opt_state, rng, kl_state = train_state["opt"], train_state["rng"], train_state["kl"]
+        prompt_it.set_state(meta["data_state"])
+        step = meta["step"]
+
+    def save(step, force=False):
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,
+                                 extra={"data_state": prompt_it.get_state(),
+                                        "model_kind": "policy"})
+        # The policy is what later stages and evaluation load; the critic stays in `train`.
+        ckpt.save(step, params=params["policy"],
+                  train={"opt": opt_state, "rng": rng, "kl": kl_state, "value": params["value"]},
+                  meta=meta, force=force)
+
+    # --- eval -----------------------------------------------------------------------------------
+    evaluator = None
+    if config.eval_every:
+        test_it = batching.make_iterator(
+            common.data_source(config.data, "prompts", "test", workdir), kind="prompts",
+            tokenizer=tok, config=common.batch_config(
+                config.data, batch_size=min(config.eval_prompts, 256), seed=config.seed,
+                shuffle=False), name="prompts/test")
+        eval_prompts = [next(test_it) for _ in range(max(1, config.eval_prompts // 256))]
+        evaluator = evaluation.Evaluator(
+            graphdef=graphdef, ref_params=ref_params, prompts=eval_prompts,
+            max_new_tokens=r.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            reward=None if reward is None else reward[:2], testbed=testbed,
+            temperature=r.temperature)
+
+    # --- loop -----------------------------------------------------------------------------------
+    writer = metrics_lib.MetricsWriter(stage_dir)
+    values = None
+    bar = metrics_lib.progress(total=config.steps, initial=step, desc=config.stage)
+    eval_key = jax.random.key(config.seed + 1)
+    if evaluator is not None and step == 0:
+        writer.write(0, {f"eval/{k}": v for k, v in evaluator.policy_metrics(
+            params["policy"], eval_key).items()})
+    while step < config.steps:
+        t0 = time.perf_counter()
+        rng, k_sample, k_update = jax.random.split(rng, 3)
+        batch = next(prompt_it)
+        prompt = jnp.repeat(jnp.asarray(batch["tokens"]), group, axis=0)
+        prompt_mask = jnp.repeat(jnp.asarray(batch["mask"]), group, axis=0)
+        completion, completion_mask, _ = sampling.generate(
+            (graphdef, params["policy"]), prompt, prompt_mask, k_sample,
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_id=tok.eos_id,
+            pad_id=tok.pad_id)
+        completion_mask = completion_mask.astype(jnp.int32)
+        rollout = score(params["policy"], ref_params, params["value"] if uses_critic else None,
+                        None if reward is None else reward[1], prompt, prompt_mask, completion,
+                        completion_mask)
+        advantages, returns = make_targets(rollout, completion_mask, kl_state.kl_coef)
+        train_batch = {"seq": rollout["seq"], "seq_mask": rollout["seq_mask"],
+                       "completion": completion, "completion_mask": completion_mask,
+                       "logps": rollout["logps"], "ref_logps": rollout["ref_logps"],
+                       "advantages": advantages, "returns": returns}
+        if uses_critic:
+            train_batch["values"] = rollout["values"]
+        log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
+        if log_now:
+            jax.block_until_ready(train_batch)
+        t1 = time.perf_counter()
+        params, opt_state, guard, m = update(params, opt_state, guard, train_batch, k_update,
+                                             kl_state.kl_coef, jnp.int32(step))
+        seq_kl = rollout["seq_kl_k1"]
+        m.update({"objective/kl": jnp.mean(seq_kl),
+                  "objective/kl_k3": jnp.mean(rollout["seq_kl_k3"]),
+                  "objective/kl_coef": kl_state.kl_coef,
+                  "objective/scores": jnp.mean(rollout["scores"]),
+                  "response/length": jnp.mean(jnp.sum(completion_mask, axis=1)),
+                  "response/eos_rate": jnp.mean(rollout["has_eos"])})
+        if "rm" in rollout:
+            m["rm/score"] = jnp.mean(rollout["rm"])
+        if "gold" in rollout:
+            m["gold/reward"] = jnp.mean(rollout["gold"])
+        kl_state = controller(kl_state, kl=jnp.mean(seq_kl), n_steps=n_rollout)
+        step += 1
+        if log_now:
+            values = jax.device_get(m)
+            t2 = time.perf_counter()
+            tokens = float(np.sum(np.asarray(completion_mask)))
+            values.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
+                           "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
+            values = writer.write(step, values)
+            common.raise_if_bad(guard, values)
+            bar.set_postfix(metrics_lib.format_postfix(
+                values, ["objective/scores", "objective/kl", "gold/reward"]))
+        if evaluator is not None and (step % config.eval_every == 0 or step == config.steps):
+            writer.write(step, {f"eval/{k}": v for k, v in evaluator.policy_metrics(
+                params["policy"], eval_key).items()})
+        if step % config.save_every == 0 or step == config.steps:
+            common.raise_if_bad(guard, values)
+            save(step, force=step == config.steps)
+        bar.update(1)
+    bar.close()
+    common.raise_if_bad(guard, values)
+    writer.close()
+    ckpt.close()
+    return stage_dir

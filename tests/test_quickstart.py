@@ -1,0 +1,25 @@
+"""The main job end to end at smoke size: every stage, the report, the figure."""
+
+import json
+
+from experiments import quickstart
+from rlhf_jax import experiment
+from rlhf_jax.checkpoint import complete_steps
+
+
+def test_quickstart_smoke(tmp_path, capsys):
+    config = experiment.load_config(quickstart.get_config, {"size": "smoke"})
+    methods = quickstart.main(config, tmp_path)
+    for stage in ("sft", "rm", "ppo", "dpo"):
+        assert complete_steps(tmp_path / stage), stage
+    report = (tmp_path / "report.md").read_text()
+    for name in ("SFT", "PPO", "DPO", "best-of-1", "best-of-4"):
+        assert f"| {name} |" in report
+        assert set(methods[name]) >= {"gold/reward", "rm/score", "objective/kl"}
+    assert "## Acceptance" in report
+    png = (tmp_path / "reward_vs_kl.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["methods"]["SFT"]["objective/kl"] == methods["SFT"]["objective/kl"]
+    assert abs(methods["SFT"]["objective/kl"]) < 1e-3  # the reference against itself
+    assert "report:" in capsys.readouterr().out
