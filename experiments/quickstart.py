@@ -17,6 +17,7 @@ expected output and time.
 
 import json
 import math
+import time
 from pathlib import Path
 
 import jax
@@ -40,10 +41,15 @@ def get_config(size: str = "default"):
     c.rm = reward_exp.get_config(size)
     c.ppo = ppo_exp.get_config(size)
     c.dpo = dpo_exp.get_config(size)
-    c.eval = ml_collections.ConfigDict(dict(prompts=256, batch=256, best_of_n=(1, 4, 16),
+    # samples: per prompt for SFT, PPO and DPO; best-of-n draws 2 * max(best_of_n) per prompt.
+    c.eval = ml_collections.ConfigDict(dict(prompts=256, batch=256, samples=4,
+                                            best_of_n=(1, 2, 4, 8, 16), best_of_n_prompts=128,
                                             max_new_tokens=24, seed=1234))
+    # The quickstart evaluates DPO with every other method below; skip the stage's own eval.
+    c.dpo.gen.n_prompts = 0
     if size == "smoke":
-        c.eval.update(prompts=16, batch=16, best_of_n=(1, 2, 4), max_new_tokens=16)
+        c.eval.update(prompts=16, batch=16, samples=2, best_of_n=(1, 2, 4), best_of_n_prompts=8,
+                      max_new_tokens=16)
     return c
 
 
@@ -72,11 +78,13 @@ def evaluate(config, workdir: Path) -> dict:
         max_new_tokens=config.eval.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
         reward=reward[:2], testbed=common.testbed())
     key = jax.random.key(config.eval.seed)
-    methods = {"SFT": evaluator.policy_metrics(sft_params, key)}
+    n = config.eval.samples
+    methods = {"SFT": evaluator.policy_metrics(sft_params, key, n=n)}
     for name in ("ppo", "dpo"):
         params = common.load_stage(workdir / name)[1]
-        methods[name.upper()] = evaluator.policy_metrics(params, key)
-    bon = evaluator.best_of_n(sft_params, key, ns=tuple(config.eval.best_of_n))
+        methods[name.upper()] = evaluator.policy_metrics(params, key, n=n)
+    bon = evaluator.best_of_n(sft_params, key, ns=tuple(config.eval.best_of_n),
+                              prompts=config.eval.best_of_n_prompts)
     for n, values in bon.items():
         methods[f"best-of-{n}"] = values
     return methods
@@ -105,23 +113,32 @@ def acceptance(methods: dict, rm_metrics: dict) -> list[tuple[str, bool, str]]:
     return checks
 
 
-def write_report(workdir: Path, methods: dict, rm_metrics: dict, checks) -> Path:
+def write_report(config, workdir: Path, methods: dict, rm_metrics: dict, checks,
+                 seconds: dict) -> Path:
     lines = ["# Quickstart report", "",
-             "Held-out prompts of the synthetic testbed; one sample per prompt (best-of-n: the "
-             "best of n by reward-model score). KL is the sequence-level KL to the SFT policy "
-             "(sum over tokens of log pi - log pi_ref; for best-of-n, log n - (n-1)/n).", "",
-             "| method | gold reward | RM score | KL (nats) | length |",
-             "|---|---|---|---|---|"]
+             f"{config.eval.prompts} held-out prompts of the synthetic testbed, "
+             f"{config.eval.samples} samples per prompt for SFT, PPO and DPO (the same random "
+             "numbers for each); best-of-n: the best of n by reward-model score, averaged over "
+             f"every n-subset of {2 * max(config.eval.best_of_n)} samples per prompt of the "
+             f"first {config.eval.best_of_n_prompts or config.eval.prompts} prompts. KL is the "
+             "sequence-level KL to the SFT policy (sum over tokens of log pi - log pi_ref; for "
+             "best-of-n, log n - (n-1)/n, with the empirical-CDF estimate beside it).", "",
+             "| method | gold reward | RM score | KL (nats) | KL estimate | length |",
+             "|---|---|---|---|---|---|"]
     for name, v in methods.items():
+        est = v.get("objective/kl_empirical")
+        est = "" if est is None else (f"{est:.3f} ± {v['objective/kl_empirical_se']:.3f}")
         lines.append(f"| {name} | {v['gold/reward']:.3f} | {v['rm/score']:.3f} | "
-                     f"{v['objective/kl']:.2f} | {v['response/length']:.1f} |")
+                     f"{v['objective/kl']:.2f} | {est} | {v['response/length']:.1f} |")
     lines += ["", f"SFT gold-reward std: {methods['SFT']['gold/reward_std']:.3f}", "",
               "Reward model (held-out pairs): " + ", ".join(
                   f"{k} {v:.3f}" for k, v in sorted(rm_metrics.items())
                   if k.startswith("rm/eval")), "", "## Acceptance", "",
               "| check | result | numbers |", "|---|---|---|"]
     lines += [f"| {what} | {'pass' if ok else 'FAIL'} | {nums} |" for what, ok, nums in checks]
-    lines += ["", "![gold reward against KL](reward_vs_kl.png)", ""]
+    lines += ["", "Wall time of this invocation (s; a stage finished earlier counts ~0): "
+              + ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()),
+              "", "![gold reward against KL](reward_vs_kl.png)", ""]
     path = workdir / "report.md"
     path.write_text("\n".join(lines))
     return path
@@ -158,18 +175,23 @@ def plot(workdir: Path, methods: dict) -> Path:
 def main(config, workdir):
     workdir = Path(workdir)
     stages = _stage_configs(config, workdir)
-    sft_exp.main(stages["sft"], workdir)
-    reward_exp.main(stages["rm"], workdir)
-    ppo_exp.main(stages["ppo"], workdir)
-    dpo_exp.main(stages["dpo"], workdir)
+    seconds, t0 = {}, time.perf_counter()
+    for name, module in (("sft", sft_exp), ("rm", reward_exp), ("ppo", ppo_exp),
+                         ("dpo", dpo_exp)):
+        t = time.perf_counter()
+        module.main(stages[name], workdir)
+        seconds[name] = time.perf_counter() - t
+    t = time.perf_counter()
     methods = evaluate(config, workdir)
+    seconds["evaluation"] = time.perf_counter() - t
     rm_rows = read_metrics(workdir / "rm")
     rm_metrics = {k: v for r in rm_rows for k, v in r.items() if k.startswith("rm/eval")}
     checks = acceptance(methods, rm_metrics)
     plot(workdir, methods)
-    report = write_report(workdir, methods, rm_metrics, checks)
+    seconds["total"] = time.perf_counter() - t0
+    report = write_report(config, workdir, methods, rm_metrics, checks, seconds)
     (workdir / "results.json").write_text(json.dumps(
-        {"methods": methods, "reward_model": rm_metrics,
+        {"methods": methods, "reward_model": rm_metrics, "seconds": seconds,
          "acceptance": [{"check": w, "passed": ok, "numbers": n} for w, ok, n in checks]},
         indent=2, default=lambda x: None if isinstance(x, float) and math.isnan(x) else x))
     print(report.read_text())

@@ -5,8 +5,11 @@
 
 Writes WORKDIR/sft/: Orbax checkpoints (params, optimizer state, data position, model config,
 tokenizer), metrics.jsonl and TensorBoard events. Re-running the command resumes from the
-latest checkpoint. Expected: the held-out completion NLL (eval/sft_loss in metrics.jsonl)
-falls from ~5.6 (uniform over 281 tokens) to ~2.5 at the default size.
+latest checkpoint. Expected at the default size (600 steps of 64 examples, one 36-token bucket;
+measured 2026-11-23 on 2 idle CPU cores): the held-out completion NLL (eval/sft_loss in
+metrics.jsonl) falls from ~5.6 (uniform over 281 tokens) to 2.72, in ~115 s (0.17 s a step).
+400 steps reach the same NLL, but the reward model trained from that SFT model was markedly
+worse (gold accuracy 0.75 / 0.86 on far pairs against 0.79 / 0.91), so the default keeps 600.
 """
 
 from rlhf_jax import experiment

@@ -122,6 +122,31 @@ def rloo(*, rewards, mask, group_size):
     return _sequence_advantage(rewards, mask, lambda s: leave_one_out(s, group_size))
 
 
+def top_of_group(scores, group_size, top=1):
+    """1.0 for the `top` highest scores of each group, 0.0 for the rest. [B] float32.
+
+    Ties go to the earlier row of the group, as argmax does."""
+    if not 1 <= top < group_size:
+        raise ValueError(f"top={top} must be in [1, group_size={group_size}): keeping every "
+                         "sample of a group selects nothing")
+    g = _groups(_f32(scores), group_size)
+    rank = jnp.argsort(jnp.argsort(-g, axis=1, stable=True), axis=1, stable=True)  # 0 = best
+    return (rank < top).astype(jnp.float32).reshape(-1)
+
+
+@registry.register("advantage")
+def best_of_n(*, rewards, mask, group_size, top=1):
+    """Rejection-sampling fine-tuning: weight 1 on the `top` best of each prompt's G samples
+    by sequence return, 0 on the rest.
+
+    With policy_loss="reinforce" the loss is -log pi summed over the kept completions' tokens:
+    the SFT loss on the best of n, re-sampled from the current policy every iteration (RAFT,
+    Dong et al. 2023; the rejection-sampling stage of Llama 2, Touvron et al. 2023, sec. 3.2.3).
+    The weights are a selection, not a baseline: do not whiten them. [B, T].
+    """
+    return _sequence_advantage(rewards, mask, lambda s: top_of_group(s, group_size, top))
+
+
 def whiten(x, mask=None, shift_mean=True, eps=1e-8):
     """(x - mean) / std over the valid entries of x; padded entries come out 0.
 

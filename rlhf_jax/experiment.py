@@ -13,11 +13,30 @@ instead of being silently ignored.
 """
 
 import ast
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
 import ml_collections
+
+
+# XLA:CPU (this JAX version) fuses elementwise backward ops (SiLU', the logits gradient) into
+# the operands of its YNNPACK matmuls in transposed layout, which makes small-model training
+# steps ~15-30% slower; this flag keeps YNNPACK to the matmuls themselves (tools/bench.py,
+# docs/model.md). It is read only by the CPU compiler.
+CPU_XLA_FLAG = "--xla_cpu_experimental_ynn_fusion_type=dot"
+
+
+def use_fast_cpu_flags() -> None:
+    """Adds CPU_XLA_FLAG to XLA_FLAGS unless an xla_cpu_experimental_ynn flag is already set.
+
+    Takes effect only before JAX starts its backend (the first array or compile), which is why
+    `run` calls it first thing. Set XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=default
+    (or any value) to keep a choice of your own."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_cpu_experimental_ynn" not in flags:
+        os.environ["XLA_FLAGS"] = (flags + " " + CPU_XLA_FLAG).strip()
 
 
 def _parse_value(text: str, current):
@@ -112,6 +131,7 @@ def load_config(get_config: Callable[..., ml_collections.ConfigDict],
 def run(get_config, main, argv: Sequence[str] | None = None):
     """Parses the command line, loads and validates the config, and calls main(config, workdir)."""
     argv = sys.argv[1:] if argv is None else argv
+    use_fast_cpu_flags()
     try:
         workdir, overrides = parse_args(argv)
         if workdir is None:

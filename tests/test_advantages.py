@@ -104,6 +104,30 @@ def test_sequence_estimators_broadcast_the_sequence_return():
     np.testing.assert_allclose(adv, np.array([1.0, -1.0, -2.0, 2.0])[:, None] * m)
 
 
+def test_best_of_n_keeps_the_top_of_each_group_and_its_loss_is_sft_on_them():
+    from rlhf_jax import losses
+    rewards = np.zeros((6, 4), np.float32)
+    rewards[:, 3] = [0.5, 2.0, 2.0, -1.0, 3.0, 1.0]        # scores at the last token
+    mask = np.ones((6, 4), np.float32)
+    mask[1, 2:] = 0                                          # a shorter response
+    adv, ret = advantages.best_of_n(rewards=rewards, mask=mask, group_size=3)
+    # Groups [0.5, 2.0 (row 1: its score sits past its mask), 2.0] and [-1, 3, 1].
+    np.testing.assert_array_equal(np.asarray(adv)[:, 0], [0, 0, 1, 0, 1, 0])
+    np.testing.assert_array_equal(np.asarray(adv), np.asarray(adv)[:, :1] * mask)
+    adv2, _ = advantages.best_of_n(rewards=rewards, mask=mask, group_size=3, top=2)
+    np.testing.assert_array_equal(np.asarray(adv2)[:, 0], [1, 0, 1, 0, 1, 1])
+    # Ties go to the earlier row.
+    tied, _ = advantages.best_of_n(rewards=np.ones((4, 1)), mask=np.ones((4, 1)), group_size=2)
+    np.testing.assert_array_equal(np.asarray(tied)[:, 0], [1, 0, 1, 0])
+    # reinforce on these weights = the NLL of the kept tokens over all tokens (token_mean).
+    logps = -np.arange(24, dtype=np.float32).reshape(6, 4) / 10
+    loss, _ = losses.reinforce(logps=logps, advantages=adv, mask=mask)
+    kept = np.asarray(adv) > 0
+    assert float(loss) == pytest.approx(-logps[kept].sum() / mask.sum())
+    with pytest.raises(ValueError, match="top=3 must be in"):
+        advantages.best_of_n(rewards=rewards, mask=mask, group_size=3, top=3)
+
+
 def test_whiten():
     rng = np.random.default_rng(5)
     x = rng.normal(3.0, 2.0, size=(4, 6)).astype(np.float32)

@@ -171,7 +171,7 @@ def test_rankings_batches_put_the_kth_response_of_every_prompt_in_block_k():
     config = common.batch_config(reward.default_config().data, batch_size=2, seed=0,
                                  shuffle=False)
     batch = next(reward.rankings_iterator(source, tokenizer=tok, config=config))
-    assert batch["tokens"].shape == (6, 48) and batch["valid"].tolist() == [1, 1]
+    assert batch["tokens"].shape == (6, 36) and batch["valid"].tolist() == [1, 1]
     for k in range(3):
         for b in range(2):
             row = batch["tokens"][k * 2 + b]

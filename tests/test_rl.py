@@ -1,18 +1,25 @@
 """The RL trainer: every advantage estimator and policy loss runs; PPO-GT moves the policy;
 resume is exact; bad configs fail at load."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import jax
 import numpy as np
 import pytest
 
+from _resume import kill_after_first_checkpoint
 from experiments import grpo as grpo_exp
 from experiments import ppo as ppo_exp
+from experiments import rsft as rsft_exp
 from experiments import sft as sft_exp
 from rlhf_jax import experiment
-from rlhf_jax.checkpoint import complete_steps
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.trainers import common, sft
 
+ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def sft_workdir(tmp_path_factory):
@@ -39,6 +46,7 @@ def _config(get_config, workdir, **overrides):
                            "loss_agg": "seq_mean_token_sum_norm(norm=16)"}),
     (ppo_exp.get_config, {"stage": "reinforce", "advantage": "reinforce", "eval_every": 0,
                           "policy_loss": "reinforce", "kl.controller": "adaptive(target=1.0)"}),
+    (rsft_exp.get_config, {"eval_every": 0}),
 ])
 def test_variants_run_and_log(sft_workdir, get_config, overrides):
     config = _config(get_config, sft_workdir, **overrides)
@@ -59,19 +67,30 @@ def test_variants_run_and_log(sft_workdir, get_config, overrides):
     assert meta["model_kind"] == "policy" and meta["step"] == 4
 
 
-def test_resume_matches_uninterrupted(sft_workdir):
-    straight = _config(ppo_exp.get_config, sft_workdir, stage="ppo_a", steps=4, eval_every=0)
-    ppo_exp.main(straight, sft_workdir)
-    part = _config(ppo_exp.get_config, sft_workdir, stage="ppo_b", steps=4, eval_every=0)
-    # Stop after the checkpoint at step 2 by running a 2-step stage first, then resume to 4.
-    first = _config(ppo_exp.get_config, sft_workdir, stage="ppo_b", steps=2, eval_every=0)
-    ppo_exp.main(first, sft_workdir)
-    assert complete_steps(sft_workdir / "ppo_b") == [2]
-    ppo_exp.main(part, sft_workdir)
+def _ppo_cmd(workdir, stage):
+    return [sys.executable, "-m", "experiments.ppo", "--workdir", str(workdir),
+            "--config.size=smoke", "--config.reward=gold", f"--config.stage={stage}",
+            f"--config.data.data_dir={workdir / 'data'}", "--config.eval_every=0",
+            "--config.steps=8", "--config.save_every=2"]
+
+
+def test_resume_after_sigkill_matches_uninterrupted(sft_workdir):
+    """Policy, critic, optimizer, RNG, KL-controller and prompt-iterator state all come back:
+    a PPO run killed partway and resumed ends bitwise equal to an uninterrupted one."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    subprocess.run(_ppo_cmd(sft_workdir, "ppo_a"), check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=300)
+    saved = kill_after_first_checkpoint(_ppo_cmd(sft_workdir, "ppo_b"), sft_workdir / "ppo_b",
+                                        env=env, cwd=ROOT)
+    assert saved and max(saved) < 8, saved  # killed partway, before the end
+    subprocess.run(_ppo_cmd(sft_workdir, "ppo_b"), check=True, env=env, cwd=ROOT,
+                   capture_output=True, timeout=300)
     a = jax.device_get(common.load_stage(sft_workdir / "ppo_a")[1])
     b = jax.device_get(common.load_stage(sft_workdir / "ppo_b")[1])
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+    rows = read_metrics(sft_workdir / "ppo_b")
+    assert rows[-1]["step"] == 8
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -79,6 +98,7 @@ def test_resume_matches_uninterrupted(sft_workdir):
     ({"advantage": "gea"}, "unknown advantage 'gea'"),
     ({"ppo.minibatches": 3}, "not divisible by ppo.minibatches"),
     ({"rollout.max_new_tokens": 64}, "exceeds the model's max_len"),
+    ({"advantage": "best_of_n", "rollout.samples_per_prompt": 4}, "whiten_advantages=False"),
     ({"reward": "model", "reward_from": "/nonexistent/rm"}, "no complete checkpoint"),
 ])
 def test_bad_configs(sft_workdir, overrides, match):

@@ -1,16 +1,15 @@
 """SFT stage: smoke run, exact resume after SIGKILL, config errors, the experiment CLI."""
 
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from _resume import kill_after_first_checkpoint
 from experiments import sft as sft_exp
 from rlhf_jax import experiment
 from rlhf_jax.checkpoint import complete_steps
@@ -37,14 +36,7 @@ def test_resume_after_sigkill_matches_an_uninterrupted_run(tmp_path):
                    capture_output=True, timeout=300)
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(_cmd(killed, data_dir), env=env, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 300
-    while not complete_steps(killed / "sft") and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=60)
-    saved = complete_steps(killed / "sft")
+    saved = kill_after_first_checkpoint(_cmd(killed, data_dir), killed / "sft", env=env, cwd=ROOT)
     assert saved and max(saved) < 24, saved  # killed partway, before the end
     subprocess.run(_cmd(killed, data_dir), check=True, env=env, cwd=ROOT, capture_output=True,
                    timeout=300)

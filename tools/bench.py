@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from rlhf_jax import experiment
 from rlhf_jax import model as M
 from rlhf_jax import sampling
 
@@ -158,8 +159,7 @@ def main(argv=None):
 
     if not args.xla_defaults:
         # Read when the backend starts, which has not happened yet (jax is imported, not used).
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                                   + " --xla_cpu_experimental_ynn_fusion_type=dot")
+        experiment.use_fast_cpu_flags()
     configs = ["small"] if args.quick else args.configs.split(",")
     repeats = 2 if args.quick else args.repeats
     ints = lambda s: [int(x) for x in s.split(",") if x]

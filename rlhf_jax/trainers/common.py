@@ -90,6 +90,26 @@ def setup_mesh(config, *batch_sizes: int):
     return mesh, rules
 
 
+def on_mesh(tree, mesh):
+    """`tree` with every array as a jitted step's outputs carry it: a NamedSharding on `mesh`.
+
+    jit keys its cache on the input types, which include the sharding: a state made outside
+    the mesh (an optimizer count, the guard) or restored with the spec P(None, None) would make
+    the second step compile the update again (seconds on a CPU), because the first step's
+    outputs say NamedSharding(mesh, P()). Arrays keep their layout; only its spelling changes.
+    """
+    def one(x):
+        s = getattr(x, "sharding", None)
+        spec = s.spec if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh else ()
+        spec = list(spec)
+        while spec and spec[-1] is None:
+            spec.pop()
+        return jax.device_put(x, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec(
+            *spec)))
+
+    return jax.tree.map(one, tree)
+
+
 def place_batch(batch: dict, mesh, rules) -> dict:
     """The numeric arrays of a host batch, placed on the mesh (batch axis over data x fsdp)."""
     return sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh, rules)

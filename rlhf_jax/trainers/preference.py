@@ -37,8 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, metrics as metrics_lib, registry, sampling
-from rlhf_jax.data import batching, synthetic
+from rlhf_jax import checkpoint, evaluation, metrics as metrics_lib, registry
+from rlhf_jax.data import batching
 from rlhf_jax.trainers import common
 
 STAGE = "dpo"
@@ -49,18 +49,18 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.stage = STAGE             # the stage directory under workdir
     c.init_from = ""            # the SFT stage directory; "" = workdir/sft
-    c.pref_loss = "dpo(beta=0.1)"
+    c.pref_loss = "dpo(beta=0.2)"
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # Pairs: the testbed's Bradley-Terry-labelled pairs (tau = label noise temperature).
     # Testbed rows are at most 9 prompt + 24 completion tokens, so one bucket of 40 pads
     # less than the SFT stage's 48 and never truncates (docs/testbed.md).
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", n_train=10_000, n_test=1_000, seed=0,
-        tau=1.0, flip_rate=0.0, buckets=(40,), max_prompt_len=12, batch_size=16))
+        tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=32))
     # Tuned on the testbed for gold-reward gain within ~45 s on 2 CPU cores (see
     # experiments/dpo.py): lr 6e-4 at this batch already overshoots (KL > 10 nats, longer
     # completions that stop ending in eos), 4e-4 for 80 steps gains ~0.6 SFT std at KL ~2.
-    c.optim = common.optim_config(lr=4e-4, warmup_steps=10, schedule="constant")
+    c.optim = common.optim_config(lr=5e-4, warmup_steps=10, schedule="constant")
     c.steps = 80
     c.log_every = 10
     c.save_every = 40
@@ -131,90 +131,6 @@ def weighted_mean(loss_b, metrics_b, weights):
 def metric_prefix(metrics: dict) -> str:
     """The loss's namespace ("dpo", "ipo", ...), read off its "<prefix>/margin" metric."""
     return next(k.split("/")[0] for k in metrics if k.endswith("/margin"))
-
-
-def completion_logps(graphdef, params, prompt_bp, prompt_mask_bp, tokens_bn, mask_bn,
-                     *, temperature: float = 1.0):
-    """Summed log-probs [B] of sampled completions under a model, with the prompt as context.
-
-    prompt [B, P] left-padded, completion [B, N] as returned by `sampling.generate` (mask 1 up
-    to and including eos). One forward pass over the [B, P + N] rows.
-    """
-    seq, seq_mask, completion_mask = _join(prompt_bp, prompt_mask_bp, tokens_bn, mask_bn)
-    logps_bt, _ = common.sequence_logps(graphdef, params, seq, seq_mask, completion_mask,
-                                        temperature=temperature)
-    return jnp.sum(logps_bt, axis=-1)
-
-
-def _join(prompt_bp, prompt_mask_bp, tokens_bn, mask_bn):
-    """[prompt, completion] rows, their mask, and the mask on the completion only."""
-    seq = jnp.concatenate([prompt_bp, tokens_bn], axis=1).astype(jnp.int32)
-    seq_mask = jnp.concatenate([prompt_mask_bp, mask_bn], axis=1).astype(jnp.int32)
-    completion_mask = jnp.concatenate(
-        [jnp.zeros_like(prompt_mask_bp), mask_bn], axis=1).astype(jnp.int32)
-    return seq, seq_mask, completion_mask
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "with_kl",
-                                             "gold_config", "eos_id"))
-def _score_samples(tables, ref_params, prompt_bp, prompt_mask_bp, tokens_bn, mask_bn,
-                   logps_bn, *, graphdef, temperature, with_kl, gold_config, eos_id):
-    """Per-sample gold reward, sequence KL to the reference, length and eos flag, all [B].
-
-    One compiled function, so scoring a batch costs no per-op dispatch or compile."""
-    seq, seq_mask, completion_mask = _join(prompt_bp, prompt_mask_bp, tokens_bn, mask_bn)
-    out = {"gold": synthetic.gold_reward_from_tables(tables, seq, completion_mask,
-                                                     config=gold_config),
-           "length": jnp.sum(mask_bn, axis=-1),
-           "eos": jnp.any((tokens_bn == eos_id) & mask_bn.astype(jnp.bool_), axis=-1)}
-    if with_kl:
-        ref_logps_bt, _ = common.sequence_logps(graphdef, ref_params, seq, seq_mask,
-                                                completion_mask, temperature=temperature)
-        out["kl"] = jnp.sum(logps_bn, axis=-1) - jnp.sum(ref_logps_bt, axis=-1)
-    return out
-
-
-def generation_eval(graphdef, params, ref_params, prompt_batches, *, testbed, tok, seed: int,
-                    max_new_tokens: int, temperature: float = 1.0,
-                    with_kl: bool = True) -> dict:
-    """Samples from a policy on prompt batches; gold reward and sequence KL to the reference.
-
-    prompt_batches: host batches of kind="prompts" (tokens/mask [B, P], valid [B]).
-    The gold reward is r*(prompt + completion) with the mask on the completion
-    (docs/testbed.md). The KL of a sample is sum_t [log pi(y_t) - log pi_ref(y_t)] over its
-    completion tokens, with log pi the sampling log-probs (tempered as sampled) and log pi_ref
-    from one reference forward pass at the same temperature; its mean over samples estimates
-    KL(pi || pi_ref) in nats. Batch i uses the key fold_in(seed, i), so two policies evaluated
-    with the same seed share their random numbers (a paired comparison).
-    Returns host floats: gold/reward (mean), gold/reward_std, objective/kl (if with_kl),
-    gen/length (mean completion tokens, eos included), gen/eos_frac (fraction that ended).
-    """
-    per_sample = {}
-    key = jax.random.PRNGKey(seed)
-    for i, batch in enumerate(prompt_batches):
-        valid = np.asarray(batch["valid"]).astype(bool)
-        prompt_mask = np.array(batch["mask"])
-        # Padding rows of a final partial batch have no real token; a lone pad keeps their
-        # generation defined (they are dropped below).
-        prompt_mask[:, -1] = 1
-        tokens, mask, logps = sampling.generate(
-            (graphdef, params), batch["tokens"], prompt_mask, jax.random.fold_in(key, i),
-            max_new_tokens=max_new_tokens, temperature=temperature, eos_id=tok.eos_id,
-            pad_id=tok.pad_id)
-        out = jax.device_get(_score_samples(
-            testbed.tables, ref_params, batch["tokens"], prompt_mask, tokens, mask, logps,
-            graphdef=graphdef, temperature=float(temperature), with_kl=with_kl,
-            gold_config=testbed.gold_config, eos_id=int(tok.eos_id)))
-        for k, v in out.items():
-            per_sample.setdefault(k, []).append(np.asarray(v)[valid])
-    per_sample = {k: np.concatenate(v) for k, v in per_sample.items()}
-    result = {"gold/reward": float(np.mean(per_sample["gold"])),
-              "gold/reward_std": float(np.std(per_sample["gold"])),
-              "gen/length": float(np.mean(per_sample["length"])),
-              "gen/eos_frac": float(np.mean(per_sample["eos"]))}
-    if with_kl:
-        result["objective/kl"] = float(np.mean(per_sample["kl"]))
-    return result
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +249,8 @@ def train(config, workdir) -> Path:
                                         "model_kind": "policy", "init_from": str(init_from)})
         ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
 
+    params, opt_state, guard = common.on_mesh((params, opt_state, guard), mesh)
+
     # --- loop -------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(stage_dir)
     values = None
@@ -391,21 +309,22 @@ def train(config, workdir) -> Path:
             max_prompt_len=min(config.data.max_prompt_len, gen.prompt_len - 1), seed=config.seed,
             shuffle=False, num_epochs=1, drop_remainder=False)
 
-        def prompt_batches():
-            return batching.make_iterator(
-                common.data_source(prompts_data, "prompts", "test", workdir), kind="prompts",
-                tokenizer=tok, config=prompt_cfg, name="prompts/test")
-
-        kw = dict(testbed=testbed, tok=tok, seed=config.seed, max_new_tokens=gen.max_new_tokens,
-                  temperature=gen.temperature)
-        policy = generation_eval(graphdef, params, ref_params, prompt_batches(), **kw)
-        # with_kl as for the policy (a KL of ~0 here) so both share one compiled scorer.
-        ref = generation_eval(graphdef, ref_params, ref_params, prompt_batches(), **kw)
+        prompts = list(batching.make_iterator(
+            common.data_source(prompts_data, "prompts", "test", workdir), kind="prompts",
+            tokenizer=tok, config=prompt_cfg, name="prompts/test"))
+        evaluator = evaluation.Evaluator(
+            graphdef=graphdef, ref_params=ref_params, prompts=prompts,
+            max_new_tokens=gen.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            testbed=testbed, temperature=gen.temperature)
+        # The same key for both: a paired comparison on the same random numbers.
+        key = jax.random.key(config.seed)
+        policy = evaluation.summarize(evaluator.samples(params, key))
+        ref = evaluation.summarize(evaluator.samples(ref_params, key, kl=False))
         gain = policy["gold/reward"] - ref["gold/reward"]
         results.update(policy)
         results.update({"gold/ref_reward": ref["gold/reward"],
                         "gold/ref_reward_std": ref["gold/reward_std"],
-                        "gen/ref_length": ref["gen/length"], "gold/gain": gain,
+                        "response/ref_length": ref["response/length"], "gold/gain": gain,
                         "gold/gain_in_ref_std": gain / max(ref["gold/reward_std"], 1e-6)})
     # One line for the last step: read_metrics keeps the last line per step.
     writer.write(step, {**(values or {}), **results})

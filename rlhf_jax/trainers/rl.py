@@ -12,13 +12,15 @@ Each iteration:
                loss term (GRPO, Shao et al. 2024), by config; optional reward clipping and
                scaling;
   4. advantage by `config.advantage` from the registry: gae (critic), grpo, dr_grpo, rloo,
-               reinforce;
+               reinforce, best_of_n (selection weights: rejection-sampling fine-tuning);
   5. update    `config.policy_loss` (ppo_clip by default) plus the value loss, over
                ppo.epochs x ppo.minibatches inside one jit (lax.scan), donated state;
   6. KL controller update (fixed or adaptive, from the registry).
 
 Algorithms are configs, not code paths: PPO = gae + ppo_clip + KL in the reward; GRPO = grpo +
-ppo_clip + KL in the loss + G > 1; RLOO = rloo + reinforce + G > 1.
+ppo_clip + KL in the loss + G > 1; RLOO = rloo + reinforce + G > 1; rejection-sampling
+fine-tuning (best-of-n completions fed back to SFT) = best_of_n + reinforce + G > 1, without
+KL penalty or whitening (experiments/rsft.py).
 """
 
 import time
@@ -32,7 +34,7 @@ import numpy as np
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry, sampling
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax.aggregation import aggregate, masked_mean
+from rlhf_jax.aggregation import aggregate
 from rlhf_jax.data import batching, synthetic
 from rlhf_jax.trainers import common
 
@@ -62,10 +64,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.whiten_advantages = True
     c.entropy_coef = 0.0
     c.optim = common.optim_config(lr=3e-4, warmup_steps=5, schedule="constant")
-    c.steps = 60
+    c.steps = 20
     c.log_every = 5
     c.save_every = 20
-    c.eval_every = 10
+    c.eval_every = 5
     c.eval_prompts = 256
     c.keep = 2
     return c
@@ -90,6 +92,10 @@ def _validate(config):
     common.require(not group_based or r.samples_per_prompt >= 2,
                    f"advantage {config.advantage!r} compares samples of the same prompt: set "
                    "rollout.samples_per_prompt >= 2")
+    common.require(registry.parse(config.advantage)[0] != "best_of_n"
+                   or not config.whiten_advantages,
+                   "advantage 'best_of_n' gives selection weights (1 = kept, 0 = dropped), "
+                   "which whitening would turn into a baseline: set whiten_advantages=False")
     return n
 
 
@@ -279,9 +285,11 @@ def train(config, workdir) -> Path:
             graphdef=graphdef, ref_params=ref_params, prompts=eval_prompts,
             max_new_tokens=r.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
             reward=None if reward is None else reward[:2], testbed=testbed,
-            temperature=r.temperature)
+            temperature=r.temperature, max_rows=n_rollout)  # the rollouts' compiled sampler
 
     # --- loop -----------------------------------------------------------------------------------
+    params, opt_state, guard, kl_state = common.on_mesh((params, opt_state, guard, kl_state),
+                                                        mesh)
     writer = metrics_lib.MetricsWriter(stage_dir)
     values = None
     bar = metrics_lib.progress(total=config.steps, initial=step, desc=config.stage)

@@ -33,7 +33,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", tokenizer="", n_train=20_000, n_test=1_000,
-        seed=0, buckets=(48,), max_prompt_len=12, batch_size=64))
+        seed=0, buckets=(36,), max_prompt_len=12, batch_size=64))
     c.optim = common.optim_config(lr=3e-3, warmup_steps=30)
     c.steps = 600
     c.log_every = 20
@@ -123,6 +123,8 @@ def train(config, workdir) -> Path:
                                  extra={"data_state": train_it.get_state(),
                                         "model_kind": "policy"})
         ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+
+    params, opt_state, guard = common.on_mesh((params, opt_state, guard), mesh)
 
     # --- loop -------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(stage_dir)
