@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import advantages, kl
+from rlhf_jax import advantages, kl, losses
 
 
 def _random_batch(seed, b=6, t=9):
@@ -105,7 +105,6 @@ def test_sequence_estimators_broadcast_the_sequence_return():
 
 
 def test_best_of_n_keeps_the_top_of_each_group_and_its_loss_is_sft_on_them():
-    from rlhf_jax import losses
     rewards = np.zeros((6, 4), np.float32)
     rewards[:, 3] = [0.5, 2.0, 2.0, -1.0, 3.0, 1.0]        # scores at the last token
     mask = np.ones((6, 4), np.float32)

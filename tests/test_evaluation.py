@@ -11,6 +11,7 @@ import pytest
 
 from rlhf_jax import evaluation
 from rlhf_jax import model as M
+from rlhf_jax import sampling
 
 PAD, EOS = 0, 1
 
@@ -90,7 +91,6 @@ def test_evaluator_kl_matches_two_forward_passes_and_drops_padding_rows(tiny):
     assert s["kl"].shape == s["rm"].shape == (6,)                    # 3 valid prompts x 2
     # Recompute with both forward passes on the same samples (same key, same batch).
     tokens, mask = jnp.repeat(ev.tokens, 2, 0), jnp.repeat(ev.mask, 2, 0)
-    from rlhf_jax import sampling
     completion, cmask, _ = sampling.generate((graphdef, policy), tokens, mask,
                                              jax.random.fold_in(key, 0), max_new_tokens=8,
                                              eos_id=EOS, pad_id=PAD)

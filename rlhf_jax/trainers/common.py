@@ -110,6 +110,18 @@ def on_mesh(tree, mesh):
     return jax.tree.map(one, tree)
 
 
+def resume(ckpt, params, train: dict, data_iterator):
+    """(params, train, step) from the stage's latest checkpoint, with `data_iterator` moved to
+    where that run stood; the inputs unchanged and step 0 when there is no checkpoint yet.
+    `params` and `train` give the structure, shapes and shardings to restore onto."""
+    if ckpt.latest_step() is None:
+        return params, train, 0
+    params, train, meta = ckpt.restore(params=checkpoint.abstract(params),
+                                       train=checkpoint.abstract(train))
+    data_iterator.set_state(meta["data_state"])
+    return params, train, meta["step"]
+
+
 def place_batch(batch: dict, mesh, rules) -> dict:
     """The numeric arrays of a host batch, placed on the mesh (batch axis over data x fsdp)."""
     return sharding.shard_batch({k: np.asarray(v) for k, v in batch.items()}, mesh, rules)

@@ -250,18 +250,13 @@ def train(config, workdir) -> Path:
     rng = jax.random.key(config.seed)
     kl_state = kl_lib.init_controller(config.kl.coef)
     guard = common.init_guard()
-    step = 0
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
-    if ckpt.latest_step() is not None:
-        policy, train_state, meta = ckpt.restore(
-            params=checkpoint.abstract(params["policy"]),
-            train=checkpoint.abstract({"opt": opt_state, "rng": rng, "kl": kl_state,
-                                       "value": params["value"]}))
-        params = {"policy": policy, "value": train_state["value"]}
-        opt_state, rng, kl_state = train_state["opt"], train_state["rng"], train_state["kl"]
-        prompt_it.set_state(meta["data_state"])
-        step = meta["step"]
+    policy, train_state, step = common.resume(
+        ckpt, params["policy"],
+        {"opt": opt_state, "rng": rng, "kl": kl_state, "value": params["value"]}, prompt_it)
+    params = {"policy": policy, "value": train_state["value"]}
+    opt_state, rng, kl_state = train_state["opt"], train_state["rng"], train_state["kl"]
 
     def save(step, force=False):
         meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,

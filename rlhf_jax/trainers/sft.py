@@ -107,16 +107,10 @@ def train(config, workdir) -> Path:
 
     # --- checkpoint: resume -------------------------------------------------------------------
     guard = common.init_guard()
-    step = 0
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
-    if ckpt.latest_step() is not None:
-        params, train_state, meta = ckpt.restore(
-            params=checkpoint.abstract(params),
-            train=checkpoint.abstract({"opt": opt_state}))
-        opt_state = train_state["opt"]
-        train_it.set_state(meta["data_state"])
-        step = meta["step"]
+    params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it)
+    opt_state = train_state["opt"]
 
     def save(step, force=False):
         meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,
