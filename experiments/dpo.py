@@ -20,7 +20,8 @@ perf/train_cpu_s.
 Expected at the default size (dpo(beta=0.2), 80 steps of 32 pairs at lr 5e-4), after the
 default SFT run; measured 2026-11-23 on 2 CPU cores (shared with another job), deterministic
 apart from the times: gold/gain_in_ref_std 0.65 at objective/kl 4.1 nats, eval/pref_accuracy
-0.67, completions 18.5 tokens (SFT 14), 86% end in eos; ~60 s for the whole command. The
+0.67, completions 18.5 tokens (SFT 14), 86% end in eos. The stage took 16 s in the quickstart, which turns its own generation
+evaluation off. The
 quickstart's own evaluation of the same policy (256 prompts x 4 samples) gives a gain of 0.62
 SFT std at KL 3.8.
 

@@ -232,6 +232,8 @@ def test_config_validation():
         batching.BatchConfig(batch_size=2, buckets=(32, 16))
     with pytest.raises(ValueError, match="overlong"):
         batching.BatchConfig(batch_size=2, overlong="drop")
+    with pytest.raises(ValueError, match="prefetch"):
+        batching.BatchConfig(batch_size=2, prefetch=-1)
 
 
 def test_chat_kind_multi_turn_loss_mask():

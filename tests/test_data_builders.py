@@ -1,5 +1,6 @@
 """TFDS builders on fixtures in the real upstream formats, TF-free reading, and bad input."""
 
+import dataclasses
 import gzip
 import io
 import json
@@ -115,6 +116,21 @@ def test_synthetic_builder(tmp_path, kind):
                           config=cfg)
     assert b2.as_data_source(split="train")[5] .keys() == ex.keys()
     assert str(b2.as_data_source(split="train")[5]) == str(src["train"][5])
+    if kind in ("sft", "pairs", "prompts"):
+        # The iterator reads an array_record source a batch at a time (__getitems__) in a
+        # background thread; the batches equal those of the same records read one by one from
+        # a list in the caller's thread.
+        from rlhf_jax.data import batching
+        from rlhf_jax.trainers import common
+        tok = common.testbed().tokenizer
+        config = batching.BatchConfig(batch_size=8, buckets=(36,), max_prompt_len=12)
+        as_list = [src["train"][i] for i in range(40)]
+        fast = batching.make_iterator(src["train"], kind=kind, tokenizer=tok, config=config)
+        slow = batching.make_iterator(as_list, kind=kind, tokenizer=tok,
+                                      config=dataclasses.replace(config, prefetch=0))
+        for _ in range(6):   # past the first epoch's end
+            a, b = next(fast), next(slow)
+            assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
 def test_hh_rlhf_builder(tmp_path):

@@ -43,6 +43,10 @@ def test_batch_round_trip(tok):
     assert (lmask.sum(1) == mask.sum(1)).all() and lmask[:, -1].all()
     # Decoding stops at the first eos: what a sampler leaves after it is ignored.
     assert tok.decode(ids[0] + [7, 8, 9]) == texts[0]
+    # One string (the data pipeline's fast path) encodes exactly like a batch of one.
+    for text, row in zip(texts, ids):
+        assert tok.encode(text, add_bos=True, add_eos=True) == row
+        assert tok.encode(text) == tok.encode_batch([text])[0] == row[1:-1]
 
 
 def test_serialized_and_saved_model_round_trip(tok, tmp_path):

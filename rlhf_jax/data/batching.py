@@ -6,8 +6,8 @@
     state = it.get_state()      # small JSON-able dict: store it in the checkpoint
     it.set_state(state)         # continue at exactly the next example
 
-The pipeline is a Grain `MapDataset`: range(N) -> per-epoch shuffle by seed -> repeat -> fetch
-and tokenize -> batch -> pad. Its state is the index of the next batch, so restoring continues
+The pipeline is a Grain `MapDataset`: range(N) -> per-epoch shuffle by seed -> repeat -> batch of
+indices -> fetch, tokenize and pad. Its state is the index of the next batch, so restoring continues
 at exactly the next example, also across an epoch boundary.
 
 Batches (B batch, T a length from `config.buckets`, the smallest that fits the batch):
@@ -76,6 +76,10 @@ class BatchConfig:
     num_epochs: int | None = None
     drop_remainder: bool = True
     overlong: str = "truncate"
+    # Batches read ahead by one background thread (0: read in the caller's thread). Grain's own
+    # default (16 threads, 500 elements) would read hundreds of batches ahead at start-up,
+    # competing with the training step for the CPU, and far more than an evaluation needs.
+    prefetch: int = 2
 
     def __post_init__(self):
         if self.batch_size <= 0:
@@ -85,6 +89,8 @@ class BatchConfig:
         if not 0 < self.max_prompt_len < max(self.buckets):
             raise ValueError(f"max_prompt_len={self.max_prompt_len} must be in "
                              f"(0, max(buckets)={max(self.buckets)}) to leave room for a response")
+        if self.prefetch < 0:
+            raise ValueError(f"prefetch={self.prefetch} must be >= 0")
         if self.overlong not in ("truncate", "error", "skip"):
             raise ValueError(f"overlong={self.overlong!r}; expected 'truncate', 'error' or "
                              f"'skip'")
@@ -145,7 +151,7 @@ def truncate(prompt: Sequence[int], response: Sequence[int], *, max_prompt_len: 
     return prompt, response[:max(0, max_len - len(prompt))]
 
 
-def _as_text(value: Any, *, name: str, index: int, field: str) -> str:
+def as_text(value: Any, *, name: str, index: int, field: str) -> str:
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
@@ -162,17 +168,17 @@ def _messages(value: Any, *, name: str, index: int, field: str) -> list[dict]:
     """A conversation as a list of {"role", "content"} dicts, a TFDS Sequence of such dicts
     (a dict of lists), or HH-style text."""
     if isinstance(value, (str, bytes)):
-        return records.hh_to_messages(_as_text(value, name=name, index=index, field=field))
+        return records.hh_to_messages(as_text(value, name=name, index=index, field=field))
     if isinstance(value, dict):
         value = [dict(role=r, content=c) for r, c in zip(value["role"], value["content"])]
     out = []
     for i, m in enumerate(value):
         where = f"{field}[{i}]"
-        role = _as_text(m.get("role"), name=name, index=index, field=f"{where}.role")
+        role = as_text(m.get("role"), name=name, index=index, field=f"{where}.role")
         if role not in ("system", "user", "assistant"):
             raise DataError(file=name, index=index, field=f"{where}.role",
                             reason=f"unknown role {role!r}")
-        out.append(dict(role=role, content=_as_text(m.get("content"), name=name, index=index,
+        out.append(dict(role=role, content=as_text(m.get("content"), name=name, index=index,
                                                     field=f"{where}.content")))
     if not any(m["role"] == "assistant" for m in out):
         raise DataError(file=name, index=index, field=field, reason="no assistant turn")
@@ -216,7 +222,7 @@ def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: Te
         key = fields[role]
         if key not in record:
             raise DataError(file=name, index=index, field=key, reason="missing")
-        return _as_text(record[key], name=name, index=index, field=key)
+        return as_text(record[key], name=name, index=index, field=key)
 
     prompt = enc.prompt(get("prompt"))
     limit = min(config.max_prompt_len, config.max_len)
@@ -328,9 +334,10 @@ class BatchIterator:
     """
 
     def __init__(self, dataset: grain.MapDataset, *, fingerprint: dict, num_examples: int,
-                 batch_size: int):
+                 batch_size: int, prefetch: int = 2):
         self._dataset = dataset
-        self._it = iter(dataset)
+        self._it = iter(dataset.to_iter_dataset(grain.ReadOptions(
+            num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)))
         self.fingerprint = fingerprint
         self.num_examples, self.batch_size = num_examples, batch_size
 
@@ -381,10 +388,9 @@ def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.Tokenizer,
     if n == 0:
         raise ValueError(f"{name} is empty")
 
-    def fetch(index):
-        index = int(index)
+    def encode(index, record):
         try:
-            return _encode_record(index, source[index], kind=kind, fields=fields, enc=enc,
+            return _encode_record(index, record, kind=kind, fields=fields, enc=enc,
                                   config=config, name=name, extra_fields=extra_fields,
                                   chat_loss_on=chat_loss_on)
         except OverlongError:
@@ -392,16 +398,39 @@ def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.Tokenizer,
                 return None   # collate turns it into an empty row with skipped=1
             raise
 
+    def to_batch(indices, records):
+        return collate([encode(i, r) for i, r in zip(indices, records)], kind=kind,
+                       batch_size=config.batch_size, buckets=config.buckets,
+                       pad_id=tokenizer.pad_id, extra_fields=extra_fields)
+
+    return index_batches(source, kind=kind, config=config, to_batch=to_batch)
+
+
+def read(source, indices: list[int]) -> list:
+    """The records at `indices`: one read for all of them where the source supports it
+    (a TFDS array_record source does, ~3x faster than record by record)."""
+    if hasattr(source, "__getitems__"):
+        return list(source.__getitems__(indices))
+    return [source[i] for i in indices]
+
+
+def index_batches(source, *, kind: str, config: BatchConfig,
+                  to_batch: Callable[[list[int], list], dict]) -> BatchIterator:
+    """The pipeline under every iterator: the indices of `source` shuffled per epoch from
+    config.seed, repeated, cut into batches; `to_batch(indices, records)` makes each batch."""
+    n = len(source)
     ds = grain.MapDataset.range(n)
     if config.shuffle:
         # A fresh permutation every epoch, all derived from config.seed.
         ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs).map(fetch)
-    ds = ds.batch(config.batch_size, drop_remainder=config.drop_remainder,
-                  batch_fn=lambda xs: collate(xs, kind=kind, batch_size=config.batch_size,
-                                              buckets=config.buckets, pad_id=tokenizer.pad_id,
-                                              extra_fields=extra_fields))
+    ds = ds.repeat(config.num_epochs).batch(config.batch_size,
+                                            drop_remainder=config.drop_remainder, batch_fn=list)
+
+    def fetch(indices):
+        indices = [int(i) for i in indices]
+        return to_batch(indices, read(source, indices))
+
     fingerprint = dict(kind=kind, num_examples=n, batch_size=config.batch_size,
                        seed=config.seed, shuffle=config.shuffle, buckets=list(config.buckets))
-    return BatchIterator(ds, fingerprint=fingerprint, num_examples=n,
-                         batch_size=config.batch_size)
+    return BatchIterator(ds.map(fetch), fingerprint=fingerprint, num_examples=n,
+                         batch_size=config.batch_size, prefetch=config.prefetch)

@@ -110,7 +110,9 @@ class Tokenizer:
     # -- encode / decode ------------------------------------------------------------------------
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """One string -> list of ids."""
-        return self.encode_batch([text], add_bos=add_bos, add_eos=add_eos)[0]
+        # A str, not a one-element list: sentencepiece encodes a list on a thread pool, whose
+        # start-up costs ~20x the encoding of one short string.
+        return self.sp.encode(text, add_bos=add_bos, add_eos=add_eos)
 
     def encode_batch(self, texts: Sequence[str], *, add_bos: bool = False,
                      add_eos: bool = False) -> list[list[int]]:

@@ -44,7 +44,6 @@ first 8 SFT samples, to check a hand-off); finding it, a re-run does nothing.
 import time
 from pathlib import Path
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -406,33 +405,28 @@ def rankings_iterator(source, *, tokenizer, config: batching.BatchConfig,
     layout is the pairs batch's, chosen first), right-padded `[bos] prompt response [eos]`,
     truncated by `batching.truncate`'s rule. Every list in the source must have the same K.
     """
+    common.require(config.drop_remainder, "rankings batches are always full; build the iterator "
+                   "with drop_remainder=True")
     enc = batching.TextEncoder(tokenizer)
 
-    def text(value, index, field):
-        if isinstance(value, bytes):
-            value = value.decode("utf-8")
-        if not isinstance(value, str):
-            raise records.DataError(file=name, index=index, field=field,
-                                     reason=f"expected text, got {type(value).__name__}")
-        return value
-
-    def fetch(index):
-        index = int(index)
-        record = source[index]
-        prompt = enc.prompt(text(record["prompt"], index, "prompt"))
+    def encode(index, record):
+        prompt = enc.prompt(batching.as_text(record["prompt"], name=name, index=index,
+                                             field="prompt"))
         rows = []
         for response in record["responses"]:
-            p, r = batching.truncate(prompt, enc.response(text(response, index, "responses")),
-                                     max_prompt_len=config.max_prompt_len,
+            response = enc.response(batching.as_text(response, name=name, index=index,
+                                                     field="responses"))
+            p, r = batching.truncate(prompt, response, max_prompt_len=config.max_prompt_len,
                                      max_len=config.max_len, bos_id=tokenizer.bos_id)
             rows.append(p + r)
         return rows
 
-    def collate(examples):
+    def to_batch(indices, rows):
+        examples = [encode(i, r) for i, r in zip(indices, rows)]
         ks = {len(ex) for ex in examples}
         if len(ks) != 1:
             raise records.DataError(file=name, index=None, field="responses",
-                                     reason=f"lists of different lengths {sorted(ks)} in a batch")
+                                    reason=f"lists of different lengths {sorted(ks)} in a batch")
         k, b = ks.pop(), len(examples)
         seqs = [ex[j] for j in range(k) for ex in examples]
         length = batching.bucket_length(max(len(x) for x in seqs), config.buckets)
@@ -443,13 +437,4 @@ def rankings_iterator(source, *, tokenizer, config: batching.BatchConfig,
             mask[row, :len(seq)] = 1
         return {"tokens": tokens, "mask": mask, "valid": np.ones(b, np.int32)}
 
-    n = len(source)
-    ds = grain.MapDataset.range(n)
-    if config.shuffle:
-        ds = ds.shuffle(seed=config.seed)
-    ds = ds.repeat(config.num_epochs).map(fetch).batch(config.batch_size, drop_remainder=True,
-                                                       batch_fn=collate)
-    fingerprint = dict(kind="rankings", num_examples=n, batch_size=config.batch_size,
-                       seed=config.seed, shuffle=config.shuffle, buckets=list(config.buckets))
-    return batching.BatchIterator(ds, fingerprint=fingerprint, num_examples=n,
-                                  batch_size=config.batch_size)
+    return batching.index_batches(source, kind="rankings", config=config, to_batch=to_batch)
