@@ -36,6 +36,9 @@ from rlhf_jax.trainers import common
 def get_config(size: str = "default"):
     c = ml_collections.ConfigDict()
     c.size = size
+    # The training seed of every stage (initialisation, data order, sampling): a seed study is
+    # --config.seed=1, 2, ... The testbed's data (data.seed of each stage) and the evaluation
+    # prompts and random numbers (eval.seed) stay fixed, so runs compare on the same task.
     c.seed = 0
     c.sft = sft_exp.get_config(size)
     c.rm = reward_exp.get_config(size)
@@ -57,7 +60,11 @@ def _stage_configs(config, workdir: Path):
     data_dir = str(workdir / "data")
     out = {}
     for name in ("sft", "rm", "ppo", "dpo"):
+        if config[name].seed not in (0, config.seed):
+            raise ValueError(f"{name}.seed={config[name].seed} but seed={config.seed}: the "
+                             "quickstart gives every stage the one seed; set --config.seed")
         stage = ml_collections.ConfigDict(config[name].to_dict())
+        stage.seed = config.seed
         stage.data.data_dir = stage.data.data_dir or data_dir
         out[name] = stage
     return out

@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from experiments import quickstart
 from rlhf_jax import experiment
 from rlhf_jax.checkpoint import complete_steps
@@ -23,3 +25,14 @@ def test_quickstart_smoke(tmp_path, capsys):
     assert results["methods"]["SFT"]["objective/kl"] == methods["SFT"]["objective/kl"]
     assert abs(methods["SFT"]["objective/kl"]) < 1e-3  # the reference against itself
     assert "report:" in capsys.readouterr().out
+
+
+def test_one_seed_reaches_every_stage_and_a_conflicting_stage_seed_is_refused(tmp_path):
+    config = experiment.load_config(quickstart.get_config, {"size": "smoke", "seed": "3"})
+    stages = quickstart._stage_configs(config, tmp_path)
+    assert {name: c.seed for name, c in stages.items()} == dict(sft=3, rm=3, ppo=3, dpo=3)
+    assert all(c.data.data_dir == str(tmp_path / "data") for c in stages.values())
+    config = experiment.load_config(quickstart.get_config, {"size": "smoke", "seed": "3",
+                                                            "rm.seed": "5"})
+    with pytest.raises(ValueError, match="rm.seed=5 but seed=3.*--config.seed"):
+        quickstart._stage_configs(config, tmp_path)
