@@ -92,8 +92,43 @@ def _record(carry, step, token, logp, *, eos_id, pad_id):
     return carry, token, emitted
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "eos_id", "pad_id"))
+def _decode(state: dict, rng, *, batch: int, max_new_tokens: int, next_logits, advance,
+            temperature, top_k, top_p, eos_id, pad_id):
+    """The sampling loop both generators share, as one `while_loop` that stops early when every
+    row has finished.
+
+    state: the model side of the loop carry. next_logits(c): the logits [B, V] of the token
+    sampled at step c["step"]. advance(c, token, emitted, step): the updated model-side entries
+    after `token` [B] was recorded (emitted [B]: the rows that were still running).
+    """
+    carry = dict(
+        state, step=jnp.int32(0), rng=rng,
+        tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+        logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
+        mask=jnp.zeros((batch, max_new_tokens), jnp.bool_),
+        done=jnp.zeros((batch,), jnp.bool_),
+    )
+
+    def cond(c):
+        return (c["step"] < max_new_tokens) & ~jnp.all(c["done"])
+
+    def body(c):
+        rng, key = jax.random.split(c["rng"])
+        step = c["step"]
+        token, logp = _sample(next_logits(c), key, temperature=temperature, top_k=top_k,
+                              top_p=top_p)
+        c, token, emitted = _record(c, step, token, logp, eos_id=eos_id, pad_id=pad_id)
+        c.update(advance(c, token, emitted, step), rng=rng, step=step + 1)
+        return c
+
+    carry = jax.lax.while_loop(cond, body, carry)
+    return carry["tokens"], carry["mask"], carry["logprobs"]
+
+
+_STATIC = ("graphdef", "max_new_tokens", "temperature", "top_k", "top_p", "eos_id", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_cached(graphdef, params, prompt_bp, prompt_mask_bp, rng, *, max_new_tokens,
                      temperature, top_k, top_p, eos_id, pad_id):
     model = nnx.merge(graphdef, params)
@@ -106,79 +141,48 @@ def _generate_cached(graphdef, params, prompt_bp, prompt_mask_bp, rng, *, max_ne
     # Prefill: the whole prompt in one pass, filling cache slots [0, P).
     hidden, cache = model.hidden_states(prompt_bp, positions_bt=default_positions(prompt_mask_bp),
                                         cache=cache, cache_index=0, kv_mask_bs=kv_mask)
-    next_logits = model.logits(hidden[:, -1:])[:, 0]
-    carry = dict(
-        step=jnp.int32(0), rng=rng, cache=cache, kv_mask=kv_mask, logits=next_logits,
-        position=jnp.sum(prompt_mask_bp, axis=-1).astype(jnp.int32),
-        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-        mask=jnp.zeros((b, max_new_tokens), jnp.bool_),
-        done=jnp.zeros((b,), jnp.bool_),
-    )
+    state = dict(cache=cache, kv_mask=kv_mask, logits=model.logits(hidden[:, -1:])[:, 0],
+                 position=jnp.sum(prompt_mask_bp, axis=-1).astype(jnp.int32))
 
-    def cond(c):
-        return (c["step"] < max_new_tokens) & ~jnp.all(c["done"])
-
-    def body(c):
-        rng, key = jax.random.split(c["rng"])
-        step = c["step"]
-        token, logp = _sample(c["logits"], key, temperature=temperature, top_k=top_k,
-                              top_p=top_p)
-        c, token, emitted = _record(c, step, token, logp, eos_id=eos_id, pad_id=pad_id)
+    def advance(c, token, emitted, step):
         slot = p + step
         kv_mask = jax.lax.dynamic_update_slice(c["kv_mask"], emitted[:, None], (0, slot))
         # One-token decode step: writes cache slot P + step and yields the next logits.
         hidden, cache = model.hidden_states(token[:, None], positions_bt=c["position"][:, None],
                                             cache=c["cache"], cache_index=slot,
                                             kv_mask_bs=kv_mask)
-        c.update(rng=rng, step=step + 1, cache=cache, kv_mask=kv_mask,
-                 logits=model.logits(hidden)[:, 0],
-                 position=c["position"] + emitted.astype(jnp.int32))
-        return c
+        return dict(cache=cache, kv_mask=kv_mask, logits=model.logits(hidden)[:, 0],
+                    position=c["position"] + emitted.astype(jnp.int32))
 
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry["tokens"], carry["mask"], carry["logprobs"]
+    return _decode(state, rng, batch=b, max_new_tokens=max_new_tokens,
+                   next_logits=lambda c: c["logits"], advance=advance, temperature=temperature,
+                   top_k=top_k, top_p=top_p, eos_id=eos_id, pad_id=pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature",
-                                             "top_k", "top_p", "eos_id", "pad_id"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def _generate_uncached(graphdef, params, prompt_bp, prompt_mask_bp, rng, *, max_new_tokens,
                        temperature, top_k, top_p, eos_id, pad_id):
     model = nnx.merge(graphdef, params)
     b, p = prompt_bp.shape
-    seq = jnp.concatenate([prompt_bp.astype(jnp.int32),
-                           jnp.full((b, max_new_tokens), pad_id, jnp.int32)], 1)
-    seq_mask = jnp.concatenate([prompt_mask_bp.astype(jnp.bool_),
-                                jnp.zeros((b, max_new_tokens), jnp.bool_)], 1)
-    carry = dict(
-        step=jnp.int32(0), rng=rng, seq=seq, seq_mask=seq_mask,
-        tokens=jnp.full((b, max_new_tokens), pad_id, jnp.int32),
-        logprobs=jnp.zeros((b, max_new_tokens), jnp.float32),
-        mask=jnp.zeros((b, max_new_tokens), jnp.bool_),
-        done=jnp.zeros((b,), jnp.bool_),
-    )
+    state = dict(seq=jnp.concatenate([prompt_bp.astype(jnp.int32),
+                                      jnp.full((b, max_new_tokens), pad_id, jnp.int32)], 1),
+                 seq_mask=jnp.concatenate([prompt_mask_bp.astype(jnp.bool_),
+                                           jnp.zeros((b, max_new_tokens), jnp.bool_)], 1))
 
-    def cond(c):
-        return (c["step"] < max_new_tokens) & ~jnp.all(c["done"])
-
-    def body(c):
-        rng, key = jax.random.split(c["rng"])
-        step = c["step"]
+    def next_logits(c):
         # The whole fixed-length buffer is re-run every step (the reference the cache beats).
         hidden, _ = model.hidden_states(c["seq"], mask_bt=c["seq_mask"])
-        last = jax.lax.dynamic_slice_in_dim(hidden, p + step - 1, 1, axis=1)
-        token, logp = _sample(model.logits(last)[:, 0], key, temperature=temperature,
-                              top_k=top_k, top_p=top_p)
-        c, token, emitted = _record(c, step, token, logp, eos_id=eos_id, pad_id=pad_id)
-        c.update(
-            rng=rng, step=step + 1,
-            seq=jax.lax.dynamic_update_slice(c["seq"], token[:, None], (0, p + step)),
-            seq_mask=jax.lax.dynamic_update_slice(c["seq_mask"], emitted[:, None],
-                                                  (0, p + step)))
-        return c
+        last = jax.lax.dynamic_slice_in_dim(hidden, p + c["step"] - 1, 1, axis=1)
+        return model.logits(last)[:, 0]
 
-    carry = jax.lax.while_loop(cond, body, carry)
-    return carry["tokens"], carry["mask"], carry["logprobs"]
+    def advance(c, token, emitted, step):
+        at = (0, p + step)
+        return dict(seq=jax.lax.dynamic_update_slice(c["seq"], token[:, None], at),
+                    seq_mask=jax.lax.dynamic_update_slice(c["seq_mask"], emitted[:, None], at))
+
+    return _decode(state, rng, batch=b, max_new_tokens=max_new_tokens, next_logits=next_logits,
+                   advance=advance, temperature=temperature, top_k=top_k, top_p=top_p,
+                   eos_id=eos_id, pad_id=pad_id)
 
 
 def generate(model, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
