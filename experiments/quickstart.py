@@ -31,6 +31,10 @@ from rlhf_jax import evaluation, experiment
 from rlhf_jax.data import batching
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.trainers import common
+from rlhf_jax.trainers import preference as dpo_trainer
+from rlhf_jax.trainers import reward as rm_trainer
+from rlhf_jax.trainers import rl as rl_trainer
+from rlhf_jax.trainers import sft as sft_trainer
 
 
 def get_config(size: str = "default"):
@@ -182,6 +186,11 @@ def plot(workdir: Path, methods: dict) -> Path:
 def main(config, workdir):
     workdir = Path(workdir)
     stages = _stage_configs(config, workdir)
+    # Every stage's config is checked before the first one trains: a typo in a DPO option
+    # fails now, not after SFT and the reward model have run.
+    for name, trainer in (("sft", sft_trainer), ("rm", rm_trainer), ("ppo", rl_trainer),
+                          ("dpo", dpo_trainer)):
+        trainer.validate(stages[name])
     seconds, t0 = {}, time.perf_counter()
     for name, module in (("sft", sft_exp), ("rm", reward_exp), ("ppo", ppo_exp),
                          ("dpo", dpo_exp)):

@@ -87,11 +87,13 @@ class Evaluator:
       max_rows: samples generated and scored per compiled call.
       reward: optional (graphdef, params) of a reward model.
       testbed: optional synthetic.Testbed for the gold reward.
+      place: puts a host batch {"tokens", "mask"} on the devices (a trainer passes its mesh
+        placement, so the samples are split over the data axis); default: jnp.asarray.
     """
 
     def __init__(self, *, graphdef, ref_params, prompts, max_new_tokens: int, eos_id: int,
                  pad_id: int, reward=None, testbed=None, temperature: float = 1.0,
-                 max_rows: int = 1024):
+                 max_rows: int = 1024, place=None):
         self.graphdef, self.ref_params = graphdef, ref_params
         self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
         self.temperature = float(temperature)
@@ -99,6 +101,7 @@ class Evaluator:
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows} must be positive")
         self.max_rows = max_rows
+        self.place = place or (lambda b: {k: jnp.asarray(v) for k, v in b.items()})
         if not prompts:
             raise ValueError("Evaluator needs at least one batch of held-out prompts")
         # One [prompts, P] array, left-padded to the longest batch, padding rows dropped.
@@ -140,7 +143,8 @@ class Evaluator:
         out = []
         for i in range(len(rows) // chunk):
             idx = rows[i * chunk:(i + 1) * chunk]
-            tokens, mask = jnp.asarray(self.tokens[idx]), jnp.asarray(self.mask[idx])
+            placed = self.place({"tokens": self.tokens[idx], "mask": self.mask[idx]})
+            tokens, mask = placed["tokens"], placed["mask"]
             completion, completion_mask, logps = sampling.generate(
                 (self.graphdef, params), tokens, mask, jax.random.fold_in(rng, i),
                 max_new_tokens=self.max_new_tokens, temperature=self.temperature,

@@ -403,3 +403,17 @@ def test_no_files_is_an_error(tmp_path):
     with pytest.raises(DataError, match="no valid records"):
         builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "data"),
                          manual_dir=str(tmp_path / "manual"))
+
+
+def test_stage_data_source_keeps_label_noise_settings_apart(tmp_path):
+    """Two stages sharing a data directory with different flip_rate get different datasets
+    (every field that changes the records names the prepared dataset)."""
+    import ml_collections
+    from rlhf_jax.trainers import common
+    data = ml_collections.ConfigDict(dict(source="synthetic", data_dir=str(tmp_path), n_train=64,
+                                          n_test=8, seed=0, tau=1.0, flip_rate=0.0))
+    clean = common.data_source(data, "pairs", "train", tmp_path)
+    data.flip_rate = 0.5
+    noisy = common.data_source(data, "pairs", "train", tmp_path)
+    swapped = [clean[i]["chosen"] != noisy[i]["chosen"] for i in range(64)]
+    assert 10 < sum(swapped) < 54

@@ -36,3 +36,11 @@ def test_one_seed_reaches_every_stage_and_a_conflicting_stage_seed_is_refused(tm
                                                             "rm.seed": "5"})
     with pytest.raises(ValueError, match="rm.seed=5 but seed=3.*--config.seed"):
         quickstart._stage_configs(config, tmp_path)
+
+
+def test_every_stage_config_is_checked_before_the_first_stage_trains(tmp_path):
+    config = experiment.load_config(quickstart.get_config, {"size": "smoke",
+                                                            "dpo.pref_loss": "bogus"})
+    with pytest.raises(ValueError, match="bogus"):
+        quickstart.main(config, tmp_path)
+    assert not (tmp_path / "sft").exists()

@@ -45,7 +45,8 @@ def _config(get_config, workdir, **overrides):
     (grpo_exp.get_config, {"stage": "dr_grpo", "advantage": "dr_grpo", "eval_every": 0,
                            "loss_agg": "seq_mean_token_sum_norm(norm=16)"}),
     (ppo_exp.get_config, {"stage": "reinforce", "advantage": "reinforce", "eval_every": 0,
-                          "policy_loss": "reinforce", "kl.controller": "adaptive(target=1.0)"}),
+                          "policy_loss": "reinforce", "kl.controller": "adaptive(target=1.0)",
+                          "whiten_rewards": True, "reward_clip": 0.5}),
     (rsft_exp.get_config, {"eval_every": 0}),
 ])
 def test_variants_run_and_log(sft_workdir, get_config, overrides):
@@ -55,12 +56,18 @@ def test_variants_run_and_log(sft_workdir, get_config, overrides):
     train_rows = [r for r in rows if "objective/kl" in r]
     assert [r["step"] for r in train_rows] == [2, 4]
     for key in ("gold/reward", "objective/kl", "objective/kl_k3", "objective/kl_coef",
-                "policy/entropy", "response/length", "time/tokens_per_s", "time/rollout_s"):
+                "policy/entropy", "response/length", "time/tokens_per_s", "time/rollout_s",
+                "time/update_s"):
         assert np.isfinite(train_rows[-1][key]), key
     if config.eval_every:
         assert {0, 2, 4} <= {r["step"] for r in rows if "eval/gold/reward" in r}
     # The first update starts from the sampling policy: the ratio is 1 up to float error.
     assert train_rows[0].get("ppo/ratio_mean", 1.0) == pytest.approx(1.0, abs=0.02)
+    if config.policy_loss.startswith("ppo_clip"):
+        assert 0 <= train_rows[-1]["ppo/clipfrac"] <= 1 and np.isfinite(
+            train_rows[-1]["ppo/approx_kl"])
+    if config.reward_clip:   # the logged mean score is of the clipped scores
+        assert all(abs(r["objective/scores"]) <= config.reward_clip for r in train_rows)
     if "value/loss" in train_rows[0]:
         assert np.isfinite(train_rows[0]["value/explained_variance"])
     _, params, _, _, meta = common.load_stage(stage)
@@ -100,8 +107,16 @@ def test_resume_after_sigkill_matches_uninterrupted(sft_workdir):
     ({"rollout.max_new_tokens": 64}, "exceeds the model's max_len"),
     ({"advantage": "best_of_n", "rollout.samples_per_prompt": 4}, "whiten_advantages=False"),
     ({"reward": "model", "reward_from": "/nonexistent/rm"}, "no complete checkpoint"),
+    # A policy is not a reward model: never score with a randomly initialised head.
+    ({"reward": "model", "reward_from": "{sft}"},
+     "holds a policy checkpoint, not a reward model; point reward_from at the reward-model"),
+    ({"log_every": 0}, "log_every=0 must be positive"),
+    ({"whiten_rewards": True, "advantage": "best_of_n", "whiten_advantages": False,
+      "rollout.samples_per_prompt": 2}, "whiten_rewards=False"),
 ])
 def test_bad_configs(sft_workdir, overrides, match):
+    overrides = {k: v.format(sft=sft_workdir / "sft") if isinstance(v, str) else v
+                 for k, v in overrides.items()}
     with pytest.raises(ValueError, match=match):
         ppo_exp.main(_config(ppo_exp.get_config, sft_workdir, stage="bad", **overrides),
                      sft_workdir)

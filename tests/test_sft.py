@@ -58,6 +58,13 @@ def test_smoke_run_in_process_and_rerun_is_a_no_op(tmp_path):
     before = os.path.getmtime(stage / "checkpoints" / "24")
     sft_exp.main(config, tmp_path)  # finished stage: resumes at the end, writes nothing new
     assert os.path.getmtime(stage / "checkpoints" / "24") == before
+    # Logging and checkpoint cadence may change on resume; what the steps compute may not.
+    config.log_every = 3
+    sft_exp.main(config, tmp_path)
+    config.optim.lr, config.data.batch_size = 0.5, 8
+    with pytest.raises(ValueError, match=r"different config \(saved, now\): .*'data.batch_size': "
+                                         r"\(16, 8\), 'optim.lr': \(0.003, 0.5\)\}.*new --workdir"):
+        sft_exp.main(config, tmp_path)
     _, params, cfg, tok, meta = common.load_stage(stage)
     assert cfg.vocab_size == tok.vocab_size and meta["model_kind"] == "policy"
 

@@ -358,7 +358,8 @@ class BatchIterator:
         diff = {k: (theirs.get(k), v) for k, v in self.fingerprint.items() if theirs.get(k) != v}
         if diff:
             raise ValueError(f"iterator state was saved with a different pipeline "
-                             f"(saved, current): {diff}")
+                             f"(saved, current): {diff}; restore it into an iterator built with "
+                             "the saved settings, or start a fresh run (a new workdir)")
         self._it.set_state({"next_index": int(state["next_batch"])})
 
     @property

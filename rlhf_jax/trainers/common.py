@@ -7,6 +7,7 @@ here knows which stage it serves.
 
 import base64
 import dataclasses
+import json
 from pathlib import Path
 import jax
 import jax.numpy as jnp
@@ -45,6 +46,15 @@ def require(ok: bool, message: str):
     """Config validation: raise a ValueError that says what to change."""
     if not ok:
         raise ValueError(message)
+
+
+def check_intervals(config):
+    """The loop settings every stage has: log_every, save_every and keep must be positive;
+    eval_every (where the stage has it) >= 0, 0 turning evaluation off."""
+    for key in ("log_every", "save_every", "keep"):
+        require(config[key] > 0, f"{key}={config[key]} must be positive")
+    if "eval_every" in config:
+        require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0: off)")
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -110,12 +120,46 @@ def on_mesh(tree, mesh):
     return jax.tree.map(one, tree)
 
 
-def resume(ckpt, params, train: dict, data_iterator):
+# Config keys that may change between a run and its resumption: logging, checkpoint cadence,
+# evaluation, the mesh (a stage resumes onto whatever mesh it runs on) and paths (a workdir
+# may move). Everything else changes what the remaining steps compute.
+RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batches",
+                     "eval_prompts", "gen", "mesh", "data.data_dir", "init_from", "reward_from",
+                     "size")
+
+
+def _flat(tree, prefix=""):
+    if isinstance(tree, dict):
+        return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
+    return {prefix[:-1]: tree}
+
+
+def check_same_config(meta: dict, config, stage_dir) -> None:
+    """Refuses to continue a stage whose checkpoint was written under a different config (other
+    than RESUMABLE_CHANGES), naming the keys: resuming would silently mix two runs."""
+    if "config" not in meta:
+        return
+    now = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
+    saved = json.loads(json.dumps(meta["config"]))
+    saved, now = _flat(saved), _flat(now)
+    free = lambda key: any(key == f or key.startswith(f + ".") for f in RESUMABLE_CHANGES)  # noqa: E731
+    diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
+            if not free(k) and saved.get(k) != now.get(k)}
+    require(not diff,
+            f"{stage_dir} holds a run with a different config (saved, now): {diff}. To start "
+            "afresh use a new --workdir (or --config.stage where the stage has one); to resume "
+            "that run, set these values back")
+
+
+def resume(ckpt, params, train: dict, data_iterator, config=None):
     """(params, train, step) from the stage's latest checkpoint, with `data_iterator` moved to
     where that run stood; the inputs unchanged and step 0 when there is no checkpoint yet.
-    `params` and `train` give the structure, shapes and shardings to restore onto."""
+    `params` and `train` give the structure, shapes and shardings to restore onto. With
+    `config`, a checkpoint written under a different config is refused (check_same_config)."""
     if ckpt.latest_step() is None:
         return params, train, 0
+    if config is not None:
+        check_same_config(ckpt.restore_meta(), config, ckpt.directory)
     params, train, meta = ckpt.restore(params=checkpoint.abstract(params),
                                        train=checkpoint.abstract(train))
     data_iterator.set_state(meta["data_state"])
@@ -162,10 +206,13 @@ def data_source(data, kind: str, split: str, workdir: Path):
     if data.source == "synthetic":
         data_dir = data.get("data_dir", "") or str(workdir / "data")
         n_train, n_test = int(data.n_train), int(data.n_test)
+        tau, flip_rate = float(data.get("tau", 1.0)), float(data.get("flip_rate", 0.0))
+        # Every field that changes the records is in the name: a prepared dataset of that
+        # name is reused as it is.
         cfg = builders.SyntheticConfig(
-            name=f"{kind}_{n_train}_{n_test}_s{data.seed}_t{data.get('tau', 1.0)}",
-            kind=kind, n_train=n_train, n_test=n_test, seed=int(data.seed),
-            tau=float(data.get("tau", 1.0)), flip_rate=float(data.get("flip_rate", 0.0)))
+            name=f"{kind}_{n_train}_{n_test}_s{data.seed}_t{tau}_f{flip_rate}",
+            kind=kind, n_train=n_train, n_test=n_test, seed=int(data.seed), tau=tau,
+            flip_rate=flip_rate)
         builder = builders.prepare(builders.SyntheticTestbed, data_dir=data_dir, config=cfg)
         return builder.as_data_source(split=split)
     if data.source == "tfds":
@@ -196,17 +243,21 @@ def stage_meta(*, config, model_cfg: model.ModelConfig, tok, extra: dict | None 
             **(extra or {})}
 
 
-def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0):
+def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
+               new_head: bool = False, key: str = "init_from"):
     """Restores the parameters of a finished stage onto `mesh`, as a model of `kind`.
 
-    Returns (graphdef, params, model_cfg, tokenizer, meta). A policy checkpoint loaded as
-    kind="reward"/"value" gets the policy backbone plus a freshly initialised head (the reward
-    model and critic start from the SFT model, Ouyang et al. 2022; Ziegler et al. 2019).
+    Returns (graphdef, params, model_cfg, tokenizer, meta). With new_head=True a policy
+    checkpoint loaded as kind="reward"/"value" gets the policy backbone plus a freshly
+    initialised head (the reward model and critic start from the SFT model, Ouyang et al. 2022;
+    Ziegler et al. 2019); otherwise the checkpoint must hold a `kind` model, so that a reward
+    model is never silently replaced by a policy with a random head. `key` is the config key
+    that named `stage_dir`, for the error messages.
     """
     stage_dir = Path(stage_dir)
     require(checkpoint.stage_has_checkpoint(stage_dir),
-            f"init_from={str(stage_dir)!r} holds no complete checkpoint; run the stage that "
-            "writes it first, or point init_from at its directory (e.g. WORKDIR/sft)")
+            f"{key}={str(stage_dir)!r} holds no complete checkpoint; run the stage that "
+            f"writes it first, or point {key} at its directory (e.g. WORKDIR/sft)")
     with checkpoint.Checkpointer(stage_dir) as ckpt:
         meta = ckpt.restore_meta()
         saved_cfg = model.ModelConfig(**meta["model"])
@@ -218,8 +269,12 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
     tok = tokenizer_from_meta(meta["tokenizer"])
     if saved_kind == kind:
         return graphdef, params, saved_cfg, tok, meta
-    require(saved_kind == "policy" and kind in ("reward", "value"),
-            f"cannot load a {saved_kind} checkpoint as a {kind} model")
+    where = {"reward": "the reward-model stage (e.g. WORKDIR/rm)",
+             "policy": "a policy stage (e.g. WORKDIR/sft, or a DPO or PPO stage)",
+             "value": "a policy or reward-model stage"}[kind]
+    require(new_head and saved_kind == "policy" and kind in ("reward", "value"),
+            f"{key}={str(stage_dir)!r} holds a {saved_kind} checkpoint, not a {kind} model; "
+            f"point {key} at {where}")
     graphdef, head_params = init_model(saved_cfg, kind=kind, mesh=mesh, rules=rules, seed=seed)
     params = model.init_head_model_from_policy(head_params=head_params, policy_params=params)
     return graphdef, params, saved_cfg, tok, meta

@@ -191,16 +191,23 @@ def _compiled(graphdef, loss_fn, optimizer, use_ref: bool):
 # The stage
 # ---------------------------------------------------------------------------------------------
 
+def validate(config):
+    """The checks that need no files or devices (the pipeline runs them all before training)."""
+    common.require(config.steps > 0, f"steps={config.steps} must be positive")
+    common.check_intervals(config)
+    common.require(config.data.source in ("synthetic", "tfds"),
+                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+    registry.validate("pref_loss", config.pref_loss)   # an unknown name lists the known ones
+
+
 def train(config, workdir) -> Path:
     workdir = Path(workdir)
     stage_dir = workdir / config.stage
     init_from = Path(config.init_from) if config.init_from else workdir / "sft"
 
     # --- config, mesh ---------------------------------------------------------------------
-    common.require(config.steps > 0, f"steps={config.steps} must be positive")
-    common.require(config.data.source in ("synthetic", "tfds"),
-                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
-    loss_fn = registry.get("pref_loss", config.pref_loss)  # unknown names fail here, listed
+    validate(config)
+    loss_fn = registry.get("pref_loss", config.pref_loss)
     use_ref = needs_reference(loss_fn)
     mesh, rules = common.setup_mesh(config, config.data.batch_size,
                                      2 * config.data.batch_size)
@@ -235,7 +242,8 @@ def train(config, workdir) -> Path:
     guard = common.init_guard()
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
-    params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it)
+    params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it,
+                                                config)
     opt_state = train_state["opt"]
 
     def save(step, force=False):
@@ -265,6 +273,7 @@ def train(config, workdir) -> Path:
             now = time.perf_counter()
             # The first interval includes compilation.
             values = writer.write(step, {**m, "perf/tokens_per_s": tokens_seen / (now - t_last)})
+            common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             tokens_seen, t_last = 0, now
             bar.set_postfix(metrics_lib.format_postfix(values, ["pref/loss"]))
         if step % config.save_every == 0 or last:

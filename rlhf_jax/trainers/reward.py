@@ -5,8 +5,9 @@
 
 Where it starts. `config.init_from` names the SFT stage directory; empty means WORKDIR/sft, the
 directory `sft.train` writes in the same workdir. The backbone is copied from that policy and a
-fresh scalar head is added (`common.load_stage(..., kind="reward")`; Ouyang et al. 2022 sec. 3.5,
-Ziegler et al. 2019 sec. 2.2: the reward model starts from the supervised policy).
+fresh scalar head is added (`common.load_stage(..., kind="reward", new_head=True)`; Ouyang et
+al. 2022 sec. 3.5, Ziegler et al. 2019 sec. 2.2: the reward model starts from the supervised
+policy).
 
 What it trains. `config.loss` is a "reward_loss" registry spec: "bradley_terry" (default) or
 "bradley_terry(margin=0.5)" for a fixed margin m in -log sigmoid(r+ - r- - m). The pairs batch
@@ -86,7 +87,8 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _check_config(config):
+def validate(config):
+    """The checks that need no files or devices (the pipeline runs them all before training)."""
     common.require(config.data.source in ("synthetic", "tfds"),
                    f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
     registry.validate("reward_loss", config.loss)
@@ -94,6 +96,7 @@ def _check_config(config):
                    f"loss={config.loss!r} trains on ranked lists, which only the synthetic "
                    "testbed provides here; use data.source='synthetic' or a pairwise loss")
     common.require(config.steps >= 0, f"steps={config.steps} must be >= 0 (0: derive from epochs)")
+    common.check_intervals(config)
     common.require(config.steps > 0 or config.epochs > 0,
                    f"epochs={config.epochs} must be positive when steps=0")
     common.require(config.data.batch_size > 0,
@@ -199,19 +202,20 @@ def train(config, workdir) -> Path:
     stage_dir = workdir / STAGE
 
     # --- config, mesh -------------------------------------------------------------------------
-    _check_config(config)
+    validate(config)
     init_from = resolve_init_from(config, workdir)
     steps = total_steps(config)
     mesh, rules = common.setup_mesh(config, config.data.batch_size, config.norm.batch_size)
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
     if ckpt.latest_step() is not None and "normalization" in ckpt.restore_meta():
+        common.check_same_config(ckpt.restore_meta(), config, stage_dir)
         ckpt.close()   # a finished stage: its final checkpoint is already normalised
         return stage_dir
 
     # --- model: SFT backbone + fresh scalar head ----------------------------------------------
     graphdef, params, model_cfg, tok, _ = common.load_stage(
-        init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed)
+        init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed, new_head=True)
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
                    f"max_len is {model_cfg.max_len}; lower data.buckets")
@@ -257,7 +261,8 @@ def train(config, workdir) -> Path:
 
     # --- checkpoint: resume -------------------------------------------------------------------
     guard = common.init_guard()
-    params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it)
+    params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it,
+                                                config)
     opt_state = train_state["opt"]
 
     def save(step, extra=None, force=False):
@@ -279,6 +284,7 @@ def train(config, workdir) -> Path:
         last = step == steps
         if step % config.log_every == 0 or last:
             values = writer.write(step, {**m, "rm/epoch": train_it.epoch})
+            common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             bar.set_postfix(metrics_lib.format_postfix(
                 values, ["rm/loss", "rm/accuracy", "rm/pairwise_accuracy"]))
         # The last step is saved only after normalisation, below: its checkpoint is the result.

@@ -61,6 +61,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.ppo = ml_collections.ConfigDict(dict(epochs=2, minibatches=2))
     c.missing_eos_penalty = 1.0  # subtracted from the score of a response without EOS
     c.reward_clip = 0.0          # clip scores to [-c, c]; 0 = off
+    # Rescale the per-token rewards (score + KL penalty) of each rollout batch to unit std,
+    # keeping their mean (advantages.whiten(shift_mean=False), TRL's whiten_rewards).
+    c.whiten_rewards = False
     c.whiten_advantages = True
     c.entropy_coef = 0.0
     c.optim = common.optim_config(lr=3e-4, warmup_steps=5, schedule="constant")
@@ -73,7 +76,9 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
-def _validate(config):
+def validate(config) -> int:
+    """The checks that need no files or devices (the pipeline runs them all before training).
+    Returns the rollout size (prompts_per_step x samples_per_prompt)."""
     r = config.rollout
     common.require(config.reward in ("model", "gold"),
                    f"reward={config.reward!r}; choose 'model' or 'gold'")
@@ -96,13 +101,24 @@ def _validate(config):
                    or not config.whiten_advantages,
                    "advantage 'best_of_n' gives selection weights (1 = kept, 0 = dropped), "
                    "which whitening would turn into a baseline: set whiten_advantages=False")
+    common.require(registry.parse(config.advantage)[0] != "best_of_n"
+                   or not config.whiten_rewards,
+                   "advantage 'best_of_n' keeps the completions with the highest sequence "
+                   "return; whitening per-token rewards would rank them partly by length: set "
+                   "whiten_rewards=False")
+    common.require(config.reward_clip >= 0,
+                   f"reward_clip={config.reward_clip} must be >= 0 (0 turns clipping off)")
+    common.require(config.steps > 0, f"steps={config.steps} must be positive")
+    common.require(r.temperature > 0, f"rollout.temperature={r.temperature} must be positive: "
+                   "the policy-gradient losses need samples from the policy")
+    common.check_intervals(config)
     return n
 
 
 def train(config, workdir) -> Path:
     workdir = Path(workdir)
     stage_dir = workdir / config.stage
-    n_rollout = _validate(config)
+    n_rollout = validate(config)
     r = config.rollout
     group = r.samples_per_prompt
 
@@ -116,7 +132,8 @@ def train(config, workdir) -> Path:
     reward = None
     if config.reward == "model":
         rm_dir = config.reward_from or str(workdir / "rm")
-        reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules)
+        reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules,
+                                   key="reward_from")
     if uses_critic:
         # The critic starts from the reward model (Ziegler et al. 2019; Ouyang et al. 2022), or
         # from the SFT policy when optimising the gold reward, with a zero value head, so early
@@ -126,7 +143,8 @@ def train(config, workdir) -> Path:
                 reward, mesh=mesh, rules=rules, seed=config.seed)
         else:
             value_graphdef, value_params = common.load_stage(
-                sft_dir, kind="value", mesh=mesh, rules=rules, seed=config.seed)[:2]
+                sft_dir, kind="value", mesh=mesh, rules=rules, seed=config.seed,
+                new_head=True)[:2]
     else:
         value_graphdef, value_params = None, {}
     testbed = common.testbed() if config.data.source == "synthetic" else None
@@ -185,6 +203,8 @@ def train(config, workdir) -> Path:
         rewards = adv_lib.kl_shaped_rewards(
             scores=rollout["scores"], logps=rollout["logps"], ref_logps=rollout["ref_logps"],
             mask=m, kl_coef=kl_coef if config.kl.in_reward else 0.0, estimator=kl_estimator)
+        if config.whiten_rewards:
+            rewards = adv_lib.whiten(rewards, m, shift_mean=False)
         advantages, returns = registry.call(adv_fn, rewards=rewards, mask=m,
                                             values=rollout.get("values"), group_size=group)
         if config.whiten_advantages:
@@ -254,7 +274,8 @@ def train(config, workdir) -> Path:
                                    save_interval_steps=config.save_every)
     policy, train_state, step = common.resume(
         ckpt, params["policy"],
-        {"opt": opt_state, "rng": rng, "kl": kl_state, "value": params["value"]}, prompt_it)
+        {"opt": opt_state, "rng": rng, "kl": kl_state, "value": params["value"]}, prompt_it,
+        config)
     params = {"policy": policy, "value": train_state["value"]}
     opt_state, rng, kl_state = train_state["opt"], train_state["rng"], train_state["kl"]
 
@@ -280,7 +301,8 @@ def train(config, workdir) -> Path:
             graphdef=graphdef, ref_params=ref_params, prompts=eval_prompts,
             max_new_tokens=r.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
             reward=None if reward is None else reward[:2], testbed=testbed,
-            temperature=r.temperature, max_rows=n_rollout)  # the rollouts' compiled sampler
+            temperature=r.temperature, max_rows=n_rollout,  # the rollouts' compiled sampler
+            place=lambda b: common.place_batch(b, mesh, rules))
 
     # --- loop -----------------------------------------------------------------------------------
     params, opt_state, guard, kl_state = common.on_mesh((params, opt_state, guard, kl_state),
@@ -296,8 +318,9 @@ def train(config, workdir) -> Path:
         t0 = time.perf_counter()
         rng, k_sample, k_update = jax.random.split(rng, 3)
         batch = next(prompt_it)
-        prompt = jnp.repeat(jnp.asarray(batch["tokens"]), group, axis=0)
-        prompt_mask = jnp.repeat(jnp.asarray(batch["mask"]), group, axis=0)
+        placed = common.place_batch({k: np.repeat(batch[k], group, axis=0)
+                                     for k in ("tokens", "mask")}, mesh, rules)
+        prompt, prompt_mask = placed["tokens"], placed["mask"]
         completion, completion_mask, _ = sampling.generate(
             (graphdef, params["policy"]), prompt, prompt_mask, k_sample,
             max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_id=tok.eos_id,

@@ -43,6 +43,14 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+def validate(config):
+    """The checks that need no files or devices (the pipeline runs them all before training)."""
+    common.require(config.steps > 0, f"steps={config.steps} must be positive")
+    common.check_intervals(config)
+    common.require(config.data.source in ("synthetic", "tfds"),
+                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+
+
 def load_tokenizer(config, workdir: Path) -> tokenizer_lib.Tokenizer:
     if config.data.tokenizer:
         common.require(Path(config.data.tokenizer).is_file(),
@@ -59,9 +67,7 @@ def train(config, workdir) -> Path:
     stage_dir = workdir / STAGE
 
     # --- config, mesh ---------------------------------------------------------------------
-    common.require(config.steps > 0, f"steps={config.steps} must be positive")
-    common.require(config.data.source in ("synthetic", "tfds"),
-                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+    validate(config)
     mesh, rules = common.setup_mesh(config, config.data.batch_size)
 
     # --- data ------------------------------------------------------------------------------
@@ -109,7 +115,8 @@ def train(config, workdir) -> Path:
     guard = common.init_guard()
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
-    params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it)
+    params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it,
+                                                config)
     opt_state = train_state["opt"]
 
     def save(step, force=False):
@@ -131,6 +138,7 @@ def train(config, workdir) -> Path:
         last = step == config.steps
         if step % config.log_every == 0 or last:
             values = writer.write(step, m)
+            common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             bar.set_postfix(metrics_lib.format_postfix(values, ["sft/loss"]))
         if step % config.save_every == 0 or last:
             common.raise_if_bad(guard, values)
