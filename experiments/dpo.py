@@ -10,12 +10,12 @@ Writes WORKDIR/<config.stage>/ (default WORKDIR/dpo/): Orbax checkpoints (params
 state, data position, model config, tokenizer, this config, model_kind="policy"),
 metrics.jsonl and TensorBoard events. Re-running the command resumes from the latest
 checkpoint. Every log step has the loss's metrics (dpo/accuracy, dpo/margin, implicit
-rewards), pref/grad_norm and perf/tokens_per_s. The last line of metrics.jsonl also holds the
+rewards), pref/grad_norm and time/tokens_per_s. The last line of metrics.jsonl also holds the
 evals: eval/pref_accuracy, eval/pref_margin and eval/gold_agreement on 512 test pairs, and the
 generation eval on 512 held-out prompts: gold/reward of the trained policy, gold/ref_reward and
 gold/ref_reward_std of the SFT policy on the same prompts with the same random numbers,
-gold/gain, gold/gain_in_ref_std, objective/kl (nats per sequence), perf/train_wall_s and
-perf/train_cpu_s.
+gold/gain, gold/gain_in_ref_std, objective/kl (nats per sequence), time/train_wall_s and
+time/train_cpu_s.
 
 Expected at the default size (dpo(beta=0.2), 80 steps of 32 pairs at lr 5e-4), after the
 default SFT run; measured 2026-11-23 on 2 CPU cores (shared with another job), deterministic

@@ -72,6 +72,24 @@ class MetricsWriter:
         self.close()
 
 
+class TokenRate:
+    """Tokens per second between log steps: `add` the real tokens of each host batch (no
+    device sync), then `rate()` after the step's metrics came to the host, which also resets
+    the count. The first interval includes compilation."""
+
+    def __init__(self):
+        self.tokens, self.since = 0, time.perf_counter()
+
+    def add(self, mask) -> None:
+        self.tokens += int(np.asarray(mask).sum())
+
+    def rate(self) -> float:
+        now = time.perf_counter()
+        rate = self.tokens / max(now - self.since, 1e-9)
+        self.tokens, self.since = 0, now
+        return rate
+
+
 def read_metrics(path) -> list[dict[str, float]]:
     """Reads a metrics.jsonl file (or the directory holding one), one dict per step, by step.
 

@@ -71,12 +71,12 @@ def test_smoke_run_logs_finite_metrics_and_a_zero_margin_at_step_0(straight):
     assert first["step"] == 1
     assert first["dpo/margin"] == 0.0 and first["dpo/chosen_reward"] == 0.0
     assert first["dpo/loss"] == pytest.approx(math.log(2.0), abs=1e-6)
-    for key in ("pref/grad_norm", "perf/tokens_per_s", "dpo/accuracy", "eval/pref_accuracy",
+    for key in ("pref/grad_norm", "time/tokens_per_s", "dpo/accuracy", "eval/pref_accuracy",
                 "eval/pref_margin", "eval/gold_agreement", "gold/reward", "gold/ref_reward",
                 "gold/ref_reward_std", "gold/gain", "objective/kl"):
         assert key in last, key
     assert 0.0 <= last["eval/pref_accuracy"] <= 1.0
-    assert last["perf/tokens_per_s"] > 0
+    assert last["time/tokens_per_s"] > 0
     # Four tiny steps barely move the policy: its KL to the reference is near 0.
     assert abs(last["objective/kl"]) < 1.0
     _, _, cfg, tok, meta = common.load_stage(stage)

@@ -42,7 +42,7 @@ def test_smoke_run_writes_a_reward_checkpoint_and_finite_metrics(finished):
     steps = reward.total_steps(config)
     assert steps == 2048 // 32 and complete_steps(stage)[-1] == steps
     rows = read_metrics(stage)
-    for key in ("rm/loss", "rm/accuracy", "rm/grad_norm"):
+    for key in ("rm/loss", "rm/accuracy", "rm/grad_norm", "time/tokens_per_s"):
         logged = [r[key] for r in rows if key in r]
         assert len(logged) == steps // config.log_every and all(map(math.isfinite, logged)), key
     final = rows[-1]

@@ -41,11 +41,12 @@ def _config(get_config, workdir, **overrides):
     (ppo_exp.get_config, {"stage": "ppo_gt"}),
     (grpo_exp.get_config, {"stage": "grpo", "eval_every": 0}),
     (grpo_exp.get_config, {"stage": "rloo", "advantage": "rloo", "policy_loss": "reinforce",
-                           "eval_every": 0}),
+                           "eval_every": 0, "ppo.epochs": 1, "ppo.minibatches": 1}),
     (grpo_exp.get_config, {"stage": "dr_grpo", "advantage": "dr_grpo", "eval_every": 0,
                            "loss_agg": "seq_mean_token_sum_norm(norm=16)"}),
     (ppo_exp.get_config, {"stage": "reinforce", "advantage": "reinforce", "eval_every": 0,
                           "policy_loss": "reinforce", "kl.controller": "adaptive(target=1.0)",
+                          "ppo.epochs": 1, "ppo.minibatches": 1,
                           "whiten_rewards": True, "reward_clip": 0.5}),
     (rsft_exp.get_config, {"eval_every": 0}),
 ])
@@ -111,6 +112,9 @@ def test_resume_after_sigkill_matches_uninterrupted(sft_workdir):
     ({"reward": "model", "reward_from": "{sft}"},
      "holds a policy checkpoint, not a reward model; point reward_from at the reward-model"),
     ({"log_every": 0}, "log_every=0 must be positive"),
+    ({"policy_loss": "reinforce"}, "reinforce' has no importance ratio.*set both to 1"),
+    ({"kl.controller": "adaptive", "kl.coef": 0.0}, "start from a positive kl.coef"),
+    ({"eval_prompts": 300}, "multiple of 256"),
     ({"whiten_rewards": True, "advantage": "best_of_n", "whiten_advantages": False,
       "rollout.samples_per_prompt": 2}, "whiten_rewards=False"),
 ])

@@ -1,5 +1,6 @@
 """SFT stage: smoke run, exact resume after SIGKILL, config errors, the experiment CLI."""
 
+import math
 import os
 import subprocess
 import sys
@@ -67,6 +68,9 @@ def test_smoke_run_in_process_and_rerun_is_a_no_op(tmp_path):
         sft_exp.main(config, tmp_path)
     _, params, cfg, tok, meta = common.load_stage(stage)
     assert cfg.vocab_size == tok.vocab_size and meta["model_kind"] == "policy"
+    rows = [r for r in read_metrics(stage) if "sft/loss" in r]
+    assert rows and all(r["time/tokens_per_s"] > 0 and math.isfinite(r["sft/loss"])
+                        for r in rows)
 
 
 @pytest.mark.parametrize("override,match", [

@@ -257,24 +257,21 @@ def train(config, workdir) -> Path:
     # --- loop -------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(stage_dir)
     values = None
-    tokens_seen, t_last = 0, time.perf_counter()
-    t_start, cpu_start, start_step = t_last, time.process_time(), step
+    token_rate = metrics_lib.TokenRate()
+    t_start, cpu_start, start_step = time.perf_counter(), time.process_time(), step
     bar = metrics_lib.progress(total=config.steps, initial=step, desc=config.stage)
     while step < config.steps:
         host_batch = next(train_it)
-        tokens_seen += int(host_batch["mask"].sum())  # host numpy: no device sync
+        token_rate.add(host_batch["mask"])
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, held_ref, batch,
                                              jnp.int32(step))
         step += 1
         last = step == config.steps
         if step % config.log_every == 0 or last:
-            m = metrics_lib.to_host(m)  # waits for the step, so the clock below is honest
-            now = time.perf_counter()
-            # The first interval includes compilation.
-            values = writer.write(step, {**m, "perf/tokens_per_s": tokens_seen / (now - t_last)})
+            m = metrics_lib.to_host(m)  # waits for the step, so the rate below is honest
+            values = writer.write(step, {**m, "time/tokens_per_s": token_rate.rate()})
             common.raise_if_bad(guard, values)   # a host sync anyway: stop early
-            tokens_seen, t_last = 0, now
             bar.set_postfix(metrics_lib.format_postfix(values, ["pref/loss"]))
         if step % config.save_every == 0 or last:
             common.raise_if_bad(guard, values)
@@ -284,9 +281,9 @@ def train(config, workdir) -> Path:
     common.raise_if_bad(guard, values)
     # Wall and CPU time of this run's training steps (first-step compile included), for the
     # time budget; on a shared machine the CPU time (all threads) is the steadier number.
-    results = {"perf/train_wall_s": time.perf_counter() - t_start,
-               "perf/train_cpu_s": time.process_time() - cpu_start,
-               "perf/train_steps": float(step - start_step)}
+    results = {"time/train_wall_s": time.perf_counter() - t_start,
+               "time/train_cpu_s": time.process_time() - cpu_start,
+               "time/train_steps": float(step - start_step)}
 
     # --- eval: test pairs -------------------------------------------------------------------
     if config.eval_batches:

@@ -276,14 +276,19 @@ def train(config, workdir) -> Path:
     writer = metrics_lib.MetricsWriter(stage_dir)
     values = None
     bar = metrics_lib.progress(total=steps, initial=step, desc="rm")
+    token_rate = metrics_lib.TokenRate()
     t0 = time.perf_counter()
     while step < steps:
-        batch = common.place_batch(next(train_it), mesh, rules)
+        host_batch = next(train_it)
+        token_rate.add(host_batch["mask"])
+        batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
         step += 1
         last = step == steps
         if step % config.log_every == 0 or last:
-            values = writer.write(step, {**m, "rm/epoch": train_it.epoch})
+            m = metrics_lib.to_host(m)  # waits for the step, so the rate below is honest
+            values = writer.write(step, {**m, "rm/epoch": train_it.epoch,
+                                         "time/tokens_per_s": token_rate.rate()})
             common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             bar.set_postfix(metrics_lib.format_postfix(
                 values, ["rm/loss", "rm/accuracy", "rm/pairwise_accuracy"]))

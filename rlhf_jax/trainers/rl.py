@@ -108,6 +108,19 @@ def validate(config) -> int:
                    "whiten_rewards=False")
     common.require(config.reward_clip >= 0,
                    f"reward_clip={config.reward_clip} must be >= 0 (0 turns clipping off)")
+    common.require(registry.parse(config.policy_loss)[0] != "reinforce"
+                   or config.ppo.epochs * config.ppo.minibatches == 1,
+                   f"policy_loss 'reinforce' has no importance ratio, so each update needs fresh "
+                   f"samples, but ppo.epochs={config.ppo.epochs} x ppo.minibatches="
+                   f"{config.ppo.minibatches} would reuse them: set both to 1, or use "
+                   "policy_loss='ppo_clip' to reuse samples")
+    common.require(registry.parse(config.kl.controller)[0] != "adaptive" or config.kl.coef > 0,
+                   "kl.controller 'adaptive' scales kl.coef multiplicatively, so from "
+                   "kl.coef=0 it stays 0: start from a positive kl.coef")
+    common.require(config.eval_prompts > 0 and (config.eval_prompts <= 256
+                                                or config.eval_prompts % 256 == 0),
+                   f"eval_prompts={config.eval_prompts}: evaluation reads batches of 256 "
+                   "prompts; use a positive number <= 256 or a multiple of 256")
     common.require(config.steps > 0, f"steps={config.steps} must be positive")
     common.require(r.temperature > 0, f"rollout.temperature={r.temperature} must be positive: "
                    "the policy-gradient losses need samples from the policy")
