@@ -78,6 +78,8 @@ def test_smoke_run_in_process_and_rerun_is_a_no_op(tmp_path):
     ({"data.buckets": "(64,)"}, "model.max_len"),
     ({"init_from": "/nonexistent/sft"}, "no complete checkpoint"),
     ({"data.source": "hub"}, "choose 'synthetic' or 'tfds'"),
+    ({"init_from": "/some/sft", "data.tokenizer": "/some/sp.model"},
+     "data.tokenizer is not used with init_from"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, override, match):
     config = experiment.load_config(sft_exp.get_config, {"size": "smoke", **override})

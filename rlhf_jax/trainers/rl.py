@@ -82,6 +82,9 @@ def validate(config) -> int:
     r = config.rollout
     common.require(config.reward in ("model", "gold"),
                    f"reward={config.reward!r}; choose 'model' or 'gold'")
+    common.require(config.reward == "model" or not config.reward_from,
+                   "reward_from is not used with reward='gold'; leave it empty or set "
+                   "reward='model'")
     common.require(config.reward == "model" or config.data.source == "synthetic",
                    "reward='gold' needs the synthetic testbed (data.source='synthetic')")
     for kind, key in (("advantage", "advantage"), ("policy_loss", "policy_loss"),

@@ -49,6 +49,9 @@ def validate(config):
     common.check_intervals(config)
     common.require(config.data.source in ("synthetic", "tfds"),
                    f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+    common.require(not (config.init_from and config.data.tokenizer),
+                   "data.tokenizer is not used with init_from (the checkpoint carries its "
+                   "tokenizer); leave one of them empty")
 
 
 def load_tokenizer(config, workdir: Path) -> tokenizer_lib.Tokenizer:
