@@ -20,10 +20,9 @@ time/train_cpu_s.
 Expected at the default size (dpo(beta=0.2), 80 steps of 32 pairs at lr 5e-4), after the
 default SFT run; measured 2026-11-23 on 2 CPU cores (shared with another job), deterministic
 apart from the times: gold/gain_in_ref_std 0.65 at objective/kl 4.1 nats, eval/pref_accuracy
-0.67, completions 18.5 tokens (SFT 14), 86% end in eos. The stage took 16 s in the quickstart, which turns its own generation
-evaluation off. The
-quickstart's own evaluation of the same policy (256 prompts x 4 samples) gives a gain of 0.62
-SFT std at KL 3.8.
+0.67, completions 18.5 tokens (SFT 14), 86% end in eos. The stage took 16 s in the
+quickstart, which turns its own generation evaluation off. The quickstart's own evaluation of
+the same policy (256 prompts x 4 samples) gives a gain of 0.62 SFT std at KL 3.8.
 
 The acceptance bar of the pipeline is a gain of at least half the SFT std at KL <= 10 nats.
 DPO on this testbed is sensitive to the SFT model it starts from: with beta 0.1, 16 pairs at

@@ -13,8 +13,8 @@ the train state), metrics.jsonl (RM score, gold reward, KL k1/k3, KL coefficient
 response length, clip fraction, approx_kl, value loss, explained variance, tokens/s and
 rollout/update time) and TensorBoard events; eval/* rows on held-out prompts every eval_every
 iterations. Expected at the default size (20 iterations of 64 rollouts, KL coefficient 0.05;
-measured 2026-11-23 after the default SFT and reward runs, 25 s for the stage in the quickstart): eval/gold/reward
-0.57 -> 2.2 while eval/objective/kl grows to ~4.7 nats. The KL keeps growing with more
+measured 2026-11-23 after the default SFT and reward runs, 25 s for the stage in the
+quickstart): eval/gold/reward 0.57 -> 2.2 while eval/objective/kl grows to ~4.7 nats. The KL keeps growing with more
 iterations (11 nats by iteration 30, 14 by 40, with gold ~3.4 and longer completions): raise
 steps together with kl.coef. `--config.reward=gold` optimises the gold reward directly (PPO-GT).
 """

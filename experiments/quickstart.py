@@ -36,6 +36,10 @@ from rlhf_jax.trainers import reward as rm_trainer
 from rlhf_jax.trainers import rl as rl_trainer
 from rlhf_jax.trainers import sft as sft_trainer
 
+# (config key and stage directory, experiment module, trainer module), in pipeline order.
+STAGES = (("sft", sft_exp, sft_trainer), ("rm", reward_exp, rm_trainer),
+          ("ppo", ppo_exp, rl_trainer), ("dpo", dpo_exp, dpo_trainer))
+
 
 def get_config(size: str = "default"):
     c = ml_collections.ConfigDict()
@@ -63,7 +67,7 @@ def get_config(size: str = "default"):
 def _stage_configs(config, workdir: Path):
     data_dir = str(workdir / "data")
     out = {}
-    for name in ("sft", "rm", "ppo", "dpo"):
+    for name, _, _ in STAGES:
         if config[name].seed not in (0, config.seed):
             raise ValueError(f"{name}.seed={config[name].seed} but seed={config.seed}: the "
                              "quickstart gives every stage the one seed; set --config.seed")
@@ -188,12 +192,10 @@ def main(config, workdir):
     stages = _stage_configs(config, workdir)
     # Every stage's config is checked before the first one trains: a typo in a DPO option
     # fails now, not after SFT and the reward model have run.
-    for name, trainer in (("sft", sft_trainer), ("rm", rm_trainer), ("ppo", rl_trainer),
-                          ("dpo", dpo_trainer)):
+    for name, _, trainer in STAGES:
         trainer.validate(stages[name])
     seconds, t0 = {}, time.perf_counter()
-    for name, module in (("sft", sft_exp), ("rm", reward_exp), ("ppo", ppo_exp),
-                         ("dpo", dpo_exp)):
+    for name, module, _ in STAGES:
         t = time.perf_counter()
         module.main(stages[name], workdir)
         seconds[name] = time.perf_counter() - t

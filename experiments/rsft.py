@@ -15,8 +15,8 @@ WORKDIR/rsft/ like experiments.ppo.
 Expected at the default size (G = 8 samples for each of 16 prompts per iteration, best of 8
 kept), measured 2026-11-23 from an earlier default SFT and reward model over 40 iterations:
 at lr 5e-4 eval/gold/reward 0.55 -> 2.21 at eval/objective/kl 4.2 nats (~70 s on 2 CPU
-cores, before the data pipeline was made ~5x cheaper); lr 2e-4 moves slowly (1.17 at KL 0.9); lr 1e-3 over-optimises the reward model (RM
-score 2.5, KL 149, gold -15).
+cores, before the data pipeline was made ~5x cheaper); lr 2e-4 moves slowly (1.17 at KL 0.9);
+lr 1e-3 over-optimises the reward model (RM score 2.5, KL 149, gold -15).
 """
 
 from experiments import ppo

@@ -335,7 +335,6 @@ class BatchIterator:
 
     def __init__(self, dataset: grain.MapDataset, *, fingerprint: dict, num_examples: int,
                  batch_size: int, prefetch: int = 2):
-        self._dataset = dataset
         self._it = iter(dataset.to_iter_dataset(grain.ReadOptions(
             num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)))
         self.fingerprint = fingerprint

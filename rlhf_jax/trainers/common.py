@@ -142,7 +142,9 @@ def check_same_config(meta: dict, config, stage_dir) -> None:
     now = json.loads(json.dumps(config.to_dict() if hasattr(config, "to_dict") else config))
     saved = json.loads(json.dumps(meta["config"]))
     saved, now = _flat(saved), _flat(now)
-    free = lambda key: any(key == f or key.startswith(f + ".") for f in RESUMABLE_CHANGES)  # noqa: E731
+    def free(key):
+        return any(key == f or key.startswith(f + ".") for f in RESUMABLE_CHANGES)
+
     diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if not free(k) and saved.get(k) != now.get(k)}
     require(not diff,

@@ -208,8 +208,9 @@ def train(config, workdir) -> Path:
     mesh, rules = common.setup_mesh(config, config.data.batch_size, config.norm.batch_size)
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
-    if ckpt.latest_step() is not None and "normalization" in ckpt.restore_meta():
-        common.check_same_config(ckpt.restore_meta(), config, stage_dir)
+    meta = ckpt.restore_meta() if ckpt.latest_step() is not None else {}
+    if "normalization" in meta:
+        common.check_same_config(meta, config, stage_dir)
         ckpt.close()   # a finished stage: its final checkpoint is already normalised
         return stage_dir
 

@@ -10,7 +10,7 @@ Each iteration:
                (reference log-probs, once per batch) and, for GAE, the critic;
   3. rewards   KL to the reference as a per-token shaped reward (Ziegler et al. 2019) or as a
                loss term (GRPO, Shao et al. 2024), by config; optional reward clipping and
-               scaling;
+               whitening;
   4. advantage by `config.advantage` from the registry: gae (critic), grpo, dr_grpo, rloo,
                reinforce, best_of_n (selection weights: rejection-sampling fine-tuning);
   5. update    `config.policy_loss` (ppo_clip by default) plus the value loss, over
@@ -100,12 +100,11 @@ def validate(config) -> int:
     common.require(not group_based or r.samples_per_prompt >= 2,
                    f"advantage {config.advantage!r} compares samples of the same prompt: set "
                    "rollout.samples_per_prompt >= 2")
-    common.require(registry.parse(config.advantage)[0] != "best_of_n"
-                   or not config.whiten_advantages,
+    best_of_n = registry.parse(config.advantage)[0] == "best_of_n"
+    common.require(not (best_of_n and config.whiten_advantages),
                    "advantage 'best_of_n' gives selection weights (1 = kept, 0 = dropped), "
                    "which whitening would turn into a baseline: set whiten_advantages=False")
-    common.require(registry.parse(config.advantage)[0] != "best_of_n"
-                   or not config.whiten_rewards,
+    common.require(not (best_of_n and config.whiten_rewards),
                    "advantage 'best_of_n' keeps the completions with the highest sequence "
                    "return; whitening per-token rewards would rank them partly by length: set "
                    "whiten_rewards=False")
