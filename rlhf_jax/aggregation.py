@@ -1,6 +1,8 @@
 """Reduction of masked per-token losses to a scalar, in one place.
 
 Each mode is a registered function `(per_token [B, T], mask [B, T]) -> (sum, denominator)`.
+A position is valid where mask > 0; padded positions are selected away (`select`), so whatever
+they hold (NaN, inf) changes neither the sum, the denominator nor the gradient.
 The loss is sum / denominator. Keeping the two apart is what makes micro-batching, gradient
 accumulation and sharding exact: summing the parts of micro-batches and dividing once gives
 the whole-batch number, whereas averaging micro-batch means does not (the token-mean of a
@@ -20,23 +22,47 @@ Modes (see docs/implementation_details.md, "Loss aggregation"):
 
 import jax.numpy as jnp
 
-from rlhf_jax import registry
+from rlhf_jax import registry, schema
+
+
+def valid(mask):
+    """The valid positions of a mask as booleans: mask > 0.
+
+    Masks are 0/1 (or bool). Anything that is not > 0 is padding, a NaN entry included: NaN > 0
+    is False. Refusing a NaN mask would need a host sync inside jit; this rule gives it one
+    meaning everywhere instead, and counts come from these booleans, never from summing the
+    mask itself, so a NaN entry cannot reach a denominator either.
+    """
+    return jnp.asarray(mask) > 0
+
+
+def select(x, mask, fill=0.0):
+    """float32 x at valid positions of `mask`, `fill` at padded ones. Shapes broadcast.
+
+    Masking selects, it does not multiply: padding may hold NaN, inf or -inf log-probs, and
+    inf * 0 is NaN. Applied to an input before any arithmetic, this is the "double where" for
+    gradients too: the padded values never enter a computation, so neither the value nor the
+    gradient at a valid position can depend on them, and the gradient at a padded position is
+    exactly 0 (a `where` on the output alone still differentiates the discarded branch, and
+    0 * d/dx(f(inf)) is NaN; JAX FAQ, "gradients contain NaN where using where").
+    """
+    return jnp.where(valid(mask), jnp.asarray(x, jnp.float32), jnp.float32(fill))
 
 
 def _masked(per_token, mask):
-    """float32 values with padded positions set to 0 (not multiplied: inf * 0 would be NaN)."""
-    m = jnp.asarray(mask, jnp.float32)
-    return jnp.where(m > 0, jnp.asarray(per_token, jnp.float32), 0.0), m
+    """(values with padded positions 0, the valid positions as 0./1.), both float32."""
+    ok = valid(mask)
+    return jnp.where(ok, jnp.asarray(per_token, jnp.float32), 0.0), ok.astype(jnp.float32)
 
 
-@registry.register("loss_agg")
+@registry.register("loss_agg", args={})
 def token_mean(per_token, mask):
     """(sum over valid tokens, number of valid tokens). Shapes: [B, T] -> scalars."""
     x, m = _masked(per_token, mask)
     return jnp.sum(x), jnp.sum(m)
 
 
-@registry.register("loss_agg")
+@registry.register("loss_agg", args={})
 def seq_mean_token_mean(per_token, mask):
     """(sum over sequences of their token means, number of non-empty sequences). [B, T]."""
     x, m = _masked(per_token, mask)
@@ -45,7 +71,8 @@ def seq_mean_token_mean(per_token, mask):
     return jnp.sum(seq_means), jnp.sum(tokens > 0).astype(jnp.float32)
 
 
-@registry.register("loss_agg")
+@registry.register("loss_agg", args={
+    "norm": schema.Float(gt=0, doc="constant token count each sequence sum is divided by")})
 def seq_mean_token_sum_norm(per_token, mask, *, norm):
     """(sum over valid tokens / norm, number of sequences). [B, T].
 
@@ -86,7 +113,7 @@ def last_token_index(mask):
     """Index of the last valid token of each row, for any padding side. mask [B, T] -> [B] int32
     (0 for a row with no valid token)."""
     t = jnp.shape(mask)[-1]
-    return jnp.max(jnp.where(jnp.asarray(mask) > 0, jnp.arange(t), 0), axis=-1).astype(jnp.int32)
+    return jnp.max(jnp.where(valid(mask), jnp.arange(t), 0), axis=-1).astype(jnp.int32)
 
 
 def masked_mean(x, mask):

@@ -22,7 +22,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import registry
+from rlhf_jax import registry, schema
+from rlhf_jax.aggregation import select
 
 # exp(20) ~ 4.9e8 is far from float32 overflow (3.4e38) and far beyond any ratio a healthy run
 # produces; clamping only touches samples whose contribution is already meaningless.
@@ -33,19 +34,19 @@ def _log_ratio(logps, ref_logps):
     return jnp.asarray(logps, jnp.float32) - jnp.asarray(ref_logps, jnp.float32)
 
 
-@registry.register("kl_estimator")
+@registry.register("kl_estimator", args={})
 def k1(*, logps, ref_logps):
     """k1 = log pi - log pi_ref per token (Schulman 2020). Shapes: any, elementwise."""
     return _log_ratio(logps, ref_logps)
 
 
-@registry.register("kl_estimator")
+@registry.register("kl_estimator", args={})
 def k2(*, logps, ref_logps):
     """k2 = 0.5 * (log pi - log pi_ref)^2 per token; biased (Schulman 2020). Elementwise."""
     return 0.5 * jnp.square(_log_ratio(logps, ref_logps))
 
 
-@registry.register("kl_estimator")
+@registry.register("kl_estimator", args={})
 def k3(*, logps, ref_logps):
     """k3 = (r - 1) - log r with r = pi_ref / pi, per token (Schulman 2020). Elementwise.
 
@@ -62,11 +63,17 @@ def estimate(*, logps, ref_logps, kind="k1", mask=None):
     Args:
       logps, ref_logps: [B, T] log-probs of the sampled tokens under pi and pi_ref.
       kind: "k1", "k2" or "k3" (or any registered kl_estimator).
-      mask: optional [B, T] 0/1; padded positions are set to 0.
+      mask: optional [B, T], valid where mask > 0 (anything else, NaN included, is padding).
+        Padded positions come out 0, and whatever they hold (-inf log-probs of padding, NaN)
+        reaches neither a valid position nor the gradient: both log-probs are replaced by 0
+        before the estimator runs, not only its output (k2 and k3 of -inf - -inf are NaN, and
+        a `where` on the output alone would still give a NaN gradient there).
     Returns: [B, T] float32.
     """
+    if mask is not None:
+        logps, ref_logps = select(logps, mask), select(ref_logps, mask)
     est = registry.get("kl_estimator", kind)(logps=logps, ref_logps=ref_logps)
-    return est if mask is None else jnp.where(jnp.asarray(mask) > 0, est, 0.0)
+    return est if mask is None else select(est, mask)
 
 
 class KLState(NamedTuple):
@@ -79,22 +86,25 @@ def init_controller(kl_coef: float) -> KLState:
     return KLState(kl_coef=jnp.asarray(kl_coef, jnp.float32))
 
 
-@registry.register("kl_controller", "fixed")
+@registry.register("kl_controller", "fixed", args={})
 def fixed_update(state: KLState, *, kl, n_steps) -> KLState:
     """Fixed controller: beta never changes (Ziegler et al. 2019, sec. 2.2, fixed beta)."""
     del kl, n_steps
     return state
 
 
-@registry.register("kl_controller", "adaptive")
+@registry.register("kl_controller", "adaptive", args={
+    "target": schema.Float(gt=0, doc="the sequence KL (nats) the coefficient steers towards"),
+    "horizon": schema.Float(gt=0, doc="samples over which the coefficient adapts")})
 def adaptive_update(state: KLState, *, kl, n_steps, target=6.0, horizon=10000.0) -> KLState:
     """Adaptive controller (Ziegler et al. 2019, sec. 2.2, eq. 2, in the form of their code).
 
     e = clip(KL / target - 1, -0.2, 0.2);  beta <- beta * (1 + e * n_steps / horizon),
     where KL is the observed mean sequence KL and n_steps the number of samples in the batch
     that produced it. The paper writes the gain as K_beta = 0.1; the released
-    lm-human-preferences code uses n_steps / horizon, which scales the gain with the batch. The proportional error is clipped so one noisy batch cannot move beta
-    by more than 20% of n_steps / horizon.
+    lm-human-preferences code uses n_steps / horizon, which scales the gain with the batch.
+    The proportional error is clipped so one noisy batch cannot move beta by more than 20% of
+    n_steps / horizon.
     """
     error = jnp.clip(jnp.asarray(kl, jnp.float32) / target - 1.0, -0.2, 0.2)
     mult = 1.0 + error * jnp.asarray(n_steps, jnp.float32) / horizon

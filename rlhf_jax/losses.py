@@ -12,9 +12,15 @@ The formulas, conventions and sources are listed in docs/implementation_details.
 import jax
 import jax.numpy as jnp
 
-from rlhf_jax import registry
-from rlhf_jax.aggregation import aggregate, masked_mean
+from rlhf_jax import registry, schema
+from rlhf_jax.aggregation import aggregate, masked_mean, select
 from rlhf_jax.kl import LOG_RATIO_CLAMP
+
+# |advantage| above this is clamped in `ppo_clip`. The ratio reaches exp(LOG_RATIO_CLAMP) ~ 4.9e8
+# at its clamp, so an advantage of 1e30 would make ratio * A overflow float32 (3.4e38) and the
+# loss inf. 1e20 * 4.9e8 ~ 4.9e28 leaves room to sum ~7e9 such tokens; only advantages no
+# healthy run produces (whitened ones are O(1), GRPO's at most sqrt(G)) are touched.
+ADVANTAGE_CLAMP = 1e20
 
 
 def _f32(x):
@@ -22,11 +28,12 @@ def _f32(x):
 
 
 def _per_token(x, mask):
-    """A per-token input as float32 [B, T] constants: [B] or [B, 1] broadcast over tokens."""
+    """A per-token input as float32 [B, T] constants: [B] or [B, 1] broadcast over tokens,
+    0 at padded positions whatever they held (see `aggregation.select`)."""
     x = jnp.asarray(x, jnp.float32)
     if x.ndim == 1:  # [B] per-sequence values; never let [B] broadcast along T when B == T
         x = x[:, None]
-    return jax.lax.stop_gradient(jnp.broadcast_to(x, jnp.shape(mask)))
+    return jax.lax.stop_gradient(select(jnp.broadcast_to(x, jnp.shape(mask)), mask))
 
 
 def _require(ok, message):
@@ -52,7 +59,9 @@ def _win_rate(margin):
 # Reward modelling
 # ---------------------------------------------------------------------------------------------
 
-@registry.register("reward_loss")
+@registry.register("reward_loss", args={
+    "margin": schema.Float(ge=0, optional=True, doc="a constant margin every pair must clear"),
+    "center_coef": schema.Float(ge=0, doc="weight of the reward-centering term")})
 def bradley_terry(*, chosen_rewards, rejected_rewards, margin=None, center_coef=0.0):
     """Bradley–Terry pairwise loss, -log sigmoid(r+ - r- - m), averaged over pairs.
 
@@ -61,7 +70,8 @@ def bradley_terry(*, chosen_rewards, rejected_rewards, margin=None, center_coef=
       margin: optional [B] per-pair margin m subtracted inside the sigmoid (Llama 2, Touvron et
         al. 2023, eq. 2): pairs rated far apart must be separated by at least m.
       center_coef: weight of the centering term coef * mean((r+ + r-)^2) (Eisenstein et al.
-        2023), which pins the otherwise free additive constant of the reward near zero.
+        2023), which pins the otherwise free additive constant of the reward near zero. With
+        center_coef = 0 the term is not computed, so any finite rewards give a finite loss.
     Returns: (loss, metrics) with rm/loss, rm/accuracy (ties count half), rm/margin (mean of
       r+ - r-), rm/chosen_reward, rm/rejected_reward.
     Source: Bradley & Terry 1952; reward modelling as in Ouyang et al. 2022, eq. 1. The
@@ -71,7 +81,14 @@ def bradley_terry(*, chosen_rewards, rejected_rewards, margin=None, center_coef=
     diff = rc - rr
     logits = diff if margin is None else diff - _f32(margin)
     nll = jnp.mean(jax.nn.softplus(-logits))  # -log sigmoid(x) = softplus(-x), stable both ways
-    loss = nll + center_coef * jnp.mean(jnp.square(rc + rr))
+    loss = nll
+    # A zero coefficient means no term at all, not 0 * term: (r+ + r-)^2 overflows float32 for
+    # |r| >= ~1.8e19 and 0 * inf is NaN. A Python 0 (the default) skips it when tracing; a
+    # traced coefficient selects the sum away before squaring, so the gradient is clean too.
+    if not (isinstance(center_coef, (int, float)) and center_coef == 0):
+        on = jnp.asarray(center_coef, jnp.float32) != 0
+        total = jnp.where(on, rc + rr, 0.0)
+        loss = loss + center_coef * jnp.mean(jnp.square(total))
     return loss, {
         "rm/loss": nll,
         "rm/accuracy": _win_rate(diff),
@@ -81,7 +98,7 @@ def bradley_terry(*, chosen_rewards, rejected_rewards, margin=None, center_coef=
     }
 
 
-@registry.register("reward_loss")
+@registry.register("reward_loss", args={})
 def plackett_luce(*, rewards):
     """Plackett–Luce K-wise ranking loss for rewards ordered best first, averaged over B.
 
@@ -123,7 +140,11 @@ def _implicit_reward_metrics(prefix, chosen, rejected):
     }
 
 
-@registry.register("pref_loss")
+_BETA = schema.Float(gt=0, doc="inverse temperature of the implicit reward")
+_SMOOTHING = schema.Float(ge=0, lt=0.5, doc="probability that a label is flipped")
+
+
+@registry.register("pref_loss", args={"beta": _BETA, "label_smoothing": _SMOOTHING})
 def dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         beta=0.1, label_smoothing=0.0):
     """Direct Preference Optimization (Rafailov et al. 2023, eq. 7), averaged over pairs.
@@ -146,7 +167,7 @@ def dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     return loss, {"dpo/loss": loss, **_implicit_reward_metrics("dpo", chosen, rejected)}
 
 
-@registry.register("pref_loss")
+@registry.register("pref_loss", args={"beta": _BETA, "label_smoothing": _SMOOTHING})
 def cdpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
          beta=0.1, label_smoothing=0.1):
     """Conservative DPO (Mitchell 2023): `dpo` with label smoothing, 0.1 unless given. [B]."""
@@ -156,7 +177,8 @@ def cdpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_re
                beta=beta, label_smoothing=label_smoothing)
 
 
-@registry.register("pref_loss")
+@registry.register("pref_loss", args={
+    "tau": schema.Float(gt=0, doc="regularisation; the target margin is 1 / (2 tau)")})
 def ipo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,
         tau=0.1, chosen_lengths=None, rejected_lengths=None):
     """Identity Preference Optimisation (Azar et al. 2023, eq. 17), averaged over pairs.
@@ -180,7 +202,9 @@ def ipo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     return loss, {"ipo/loss": loss, **_implicit_reward_metrics("ipo", tau * lr_c, tau * lr_r)}
 
 
-@registry.register("pref_loss")
+@registry.register("pref_loss", args={
+    "beta": schema.Float(gt=0, doc="scale of the length-normalised reward"),
+    "gamma": schema.Float(ge=0, doc="target reward margin")})
 def simpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
           beta=2.0, gamma=1.0):
     """SimPO (Meng et al. 2024, eq. 6): reference-free, length-normalised, with a margin.
@@ -202,7 +226,8 @@ def _log1mexp(x):
     return jnp.where(x > -0.6931472, jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
 
 
-@registry.register("pref_loss")
+@registry.register("pref_loss", args={
+    "lam": schema.Float(ge=0, doc="weight of the odds-ratio term beside the SFT loss")})
 def orpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected_lengths,
          chosen_nll, lam=0.1):
     """ORPO (Hong et al. 2024, eqs. 6-7): SFT loss plus an odds-ratio preference term.
@@ -235,7 +260,10 @@ def orpo(*, policy_chosen_logps, policy_rejected_logps, chosen_lengths, rejected
 # Policy optimisation (per-token arrays [B, T] with a 0/1 mask)
 # ---------------------------------------------------------------------------------------------
 
-@registry.register("policy_loss")
+@registry.register("policy_loss", args={
+    "clip_eps": schema.Float(gt=0, lt=1, doc="the ratio is clipped to [1 - eps, 1 + eps]"),
+    "clip_eps_high": schema.Float(gt=0, optional=True, doc="upper clip range (clip-higher)"),
+    "dual_clip": schema.Float(gt=1, optional=True, doc="floor c * A on negative advantages")})
 def ppo_clip(*, logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=None,
              dual_clip=None, agg="token_mean", normalizer=None):
     """PPO clipped surrogate (Schulman et al. 2017, eq. 7), as a loss to minimise.
@@ -254,7 +282,10 @@ def ppo_clip(*, logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=
     Returns: (loss, metrics) with ppo/policy_loss, ppo/clipfrac (fraction of valid tokens
       where the clipped branch is active), ppo/approx_kl (k3 estimate of KL(old || new)),
       ppo/ratio_mean, ppo/ratio_max and, with dual_clip, ppo/dual_clipfrac.
-    The log-ratio is clamped to +-LOG_RATIO_CLAMP before exp so the ratio stays finite.
+    The mask is valid where > 0; padded positions of all three inputs are selected away
+    before any arithmetic, so whatever they hold (-inf, NaN) changes neither the loss, the
+    metrics nor the gradient. The log-ratio is clamped to +-LOG_RATIO_CLAMP before exp so the
+    ratio stays finite, and |A| to ADVANTAGE_CLAMP so that ratio * A does too.
     """
     eps_high = clip_eps if clip_eps_high is None else clip_eps_high
     _require(_positive(clip_eps) and _positive(eps_high),
@@ -262,10 +293,10 @@ def ppo_clip(*, logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=
     _require(dual_clip is None or _in_range(dual_clip, 1.0 + 1e-12, float("inf")),
              f"ppo_clip: dual_clip must be > 1 (e.g. 3.0), got {dual_clip}")
     m = _f32(mask)
-    adv = _per_token(advantages, m)
-    old = jax.lax.stop_gradient(_f32(old_logps))
+    adv = jnp.clip(_per_token(advantages, m), -ADVANTAGE_CLAMP, ADVANTAGE_CLAMP)
+    old = jax.lax.stop_gradient(select(old_logps, m))
     # Padded positions get a log-ratio of 0 before the exp: padding may hold -inf log-probs.
-    log_ratio = jnp.where(m > 0, _f32(logps) - old, 0.0)
+    log_ratio = select(logps, m) - old
     log_ratio = jnp.clip(log_ratio, -LOG_RATIO_CLAMP, LOG_RATIO_CLAMP)
     ratio = jnp.exp(log_ratio)
     unclipped = ratio * adv
@@ -283,7 +314,7 @@ def ppo_clip(*, logps, old_logps, advantages, mask, clip_eps=0.2, clip_eps_high=
         "ppo/clipfrac": masked_mean(clipped < unclipped, m),
         "ppo/approx_kl": masked_mean(jnp.expm1(log_ratio) - log_ratio, m),
         "ppo/ratio_mean": masked_mean(ratio, m),
-        "ppo/ratio_max": jnp.max(jnp.where(m > 0, ratio, 0.0)),
+        "ppo/ratio_max": jnp.max(select(ratio, m)),
     })
     return loss, metrics
 
@@ -294,12 +325,14 @@ def value_loss(*, values, old_values, returns, mask, clip_eps=0.2, agg="token_me
 
     The clip keeps the critic within clip_eps of the values it predicted at rollout time, as in
     the PPO baselines (Schulman et al. 2017; Ziegler et al. 2019). clip_eps=None disables it.
-    Args: values, old_values, returns, mask: [B, T]; agg/normalizer as in `ppo_clip`.
+    Args: values, old_values, returns, mask: [B, T]; agg/normalizer as in `ppo_clip`. The mask
+      is valid where > 0; padded positions are selected away before any arithmetic, so their
+      contents reach neither the loss, the metrics nor the gradient.
     Returns: (loss, metrics) with value/loss, value/clipfrac, value/mean, value/error (mean
       squared error) and value/explained_variance = 1 - Var(R - V) / Var(R) over valid tokens.
     """
     m = _f32(mask)
-    v = _f32(values)
+    v = select(values, m)
     v_old, ret = _per_token(old_values, m), _per_token(returns, m)
     err = jnp.square(v - ret)
     if clip_eps is None:
@@ -319,27 +352,55 @@ def value_loss(*, values, old_values, returns, mask, clip_eps=0.2, agg="token_me
     }
 
 
+# Explained variance is unbounded below; it is floored here, where it says only "the critic
+# explains nothing", so that Var(R - V) / Var(R) with Var(R) ~ 1e-37 cannot overflow to -inf.
+EXPLAINED_VARIANCE_FLOOR = -1e30
+
+
+def _scaled_variance(x, mask):
+    """(s, v) with Var(x) = s^2 * v over the mask: s = max |x - mean| held constant, v in
+    [1/n, 1] (or s = v = 0 when x is constant).
+
+    Dividing by s before squaring keeps the squares from underflowing (deviations ~1e-25) or
+    overflowing (~1e20), in the value and in the gradient, which would otherwise hold Var^2.
+    Var(x) = s^2 Var(x / s) for any constant s, so stopping s's gradient leaves it exact.
+    """
+    dev = select(x - masked_mean(x, mask), mask)
+    s = jax.lax.stop_gradient(jnp.max(jnp.abs(dev)))
+    return s, masked_mean(jnp.square(dev / jnp.where(s > 0, s, 1.0)), mask)
+
+
 def explained_variance(*, predictions, targets, mask):
-    """1 - Var(targets - predictions) / Var(targets) over the mask; 0 when Var(targets) = 0."""
-    m, t = _f32(mask), _f32(targets)
-    resid = t - _f32(predictions)
-    var_t = masked_mean(jnp.square(t - masked_mean(t, m)), m)
-    var_r = masked_mean(jnp.square(resid - masked_mean(resid, m)), m)
-    return jnp.where(var_t > 0, 1.0 - var_r / jnp.where(var_t > 0, var_t, 1.0), 0.0)
+    """1 - Var(targets - predictions) / Var(targets) over the mask; 0 when Var(targets) = 0,
+    floored at EXPLAINED_VARIANCE_FLOOR.
+
+    Valid where mask > 0; padded entries are selected away, whatever they hold."""
+    m = _f32(mask)
+    t = select(targets, m)
+    s_t, v_t = _scaled_variance(t, m)
+    s_r, v_r = _scaled_variance(t - select(predictions, m), m)
+    # (s_r / s_t)^2 <= 1e30 and v_r / v_t <= n: the ratio is formed only where it is finite;
+    # the scales are constants, so the where needs no second guard for the gradient.
+    in_range = (s_t > 0) & (s_r <= s_t * 1e15)
+    scale = jnp.square(s_r / jnp.where(in_range, s_t, 1.0))
+    ev = jnp.maximum(1.0 - scale * v_r / jnp.where(in_range, v_t, 1.0), EXPLAINED_VARIANCE_FLOOR)
+    return jnp.where(in_range, ev, jnp.where(s_t > 0, EXPLAINED_VARIANCE_FLOOR, 0.0))
 
 
-@registry.register("policy_loss")
+@registry.register("policy_loss", args={})
 def reinforce(*, logps, advantages, mask, agg="token_mean", normalizer=None):
     """REINFORCE policy-gradient loss -A * log pi(y_t) (Williams 1992). Shapes [B, T]
     (advantages may be [B] per sequence).
 
     The advantage carries the baseline (RLOO, GRPO or a critic), so this also serves those
-    estimators on-policy; the advantages are constants (gradient stopped).
+    estimators on-policy; the advantages are constants (gradient stopped). The mask is valid
+    where > 0; padded log-probs and advantages are selected away before the product, so a -inf
+    log-prob or an inf advantage there reaches neither the loss nor the gradient.
     Returns: (loss, metrics) with pg/loss and pg/advantage_mean.
     """
     m = _f32(mask)
     adv = _per_token(advantages, m)
-    loss = aggregate(-adv * _f32(logps), m, agg, normalizer=normalizer)
+    loss = aggregate(-adv * select(logps, m), m, agg, normalizer=normalizer)
     return loss, {"pg/loss": loss, "pg/advantage_mean": masked_mean(adv, m)}
 
 
@@ -354,8 +415,11 @@ def token_entropy(logits):
 def entropy(*, logits, mask, agg="token_mean", normalizer=None):
     """Entropy bonus as a loss: -aggregate(H(pi(. | s_t))). logits [B, T, V], mask [B, T].
 
-    Minimising it raises the entropy; add coef * loss to the policy loss. Returns (loss,
-    metrics) with policy/entropy, the aggregated (positive) entropy.
+    Minimising it raises the entropy; add coef * loss to the policy loss. The logits of padded
+    positions (mask not > 0) are replaced by 0 before the softmax, so NaN there reaches neither
+    the loss nor the gradient. Returns (loss, metrics) with policy/entropy, the aggregated
+    (positive) entropy.
     """
+    logits = select(logits, jnp.asarray(mask)[..., None])
     ent = aggregate(token_entropy(logits), mask, agg, normalizer=normalizer)
     return -ent, {"policy/entropy": ent}

@@ -2,9 +2,15 @@
 
 An ablation is a config string. `get(kind, "ipo(tau=0.05)")` finds the function registered as
 "ipo" under the kind "pref_loss" and returns it with `tau=0.05` bound (a `functools.partial`).
-Only keyword arguments with literal values (numbers, strings, booleans, None, tuples) may be
-bound, and only ones the function accepts; anything else fails at config load with the list of
-what is registered or accepted.
+Only the arguments a function declares where it is registered may be bound, with literal
+values (numbers, strings, booleans, None, tuples) inside the declared type and range:
+
+    @registry.register("pref_loss", args={"tau": schema.Float(gt=0, doc="IPO's margin 1/(2 tau)")})
+    def ipo(*, policy_chosen_logps, ..., tau=0.1): ...
+
+anything else fails at config load with the list of what is registered or accepted, or the
+range the value is outside of (`ppo_clip(clip_eps=0)` is refused when the config is read, not
+when the loss is first traced).
 
 Kinds and the calling convention of their functions:
 
@@ -29,6 +35,8 @@ import importlib
 import inspect
 from typing import Any, Callable
 
+from rlhf_jax.errors import ConfigError
+
 KINDS = ("reward_loss", "pref_loss", "policy_loss", "advantage", "kl_estimator",
          "kl_controller", "loss_agg")
 
@@ -37,21 +45,32 @@ KINDS = ("reward_loss", "pref_loss", "policy_loss", "advantage", "kl_estimator",
 _PROVIDERS = ("rlhf_jax.aggregation", "rlhf_jax.kl", "rlhf_jax.losses", "rlhf_jax.advantages")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
+# kind -> name -> {argument: schema.Field}: the arguments a config string may set.
+_ARGS: dict[str, dict[str, dict]] = {kind: {} for kind in KINDS}
 
 
-def register(kind: str, name: str | None = None, fn: Callable | None = None):
+def register(kind: str, name: str | None = None, fn: Callable | None = None, *,
+             args: dict | None = None):
     """Registers `fn` under `kind` as `name` (default: its __name__). Usable as a decorator.
 
-    A name may be registered once per kind; registering it again is an error, so two modules
-    can never silently disagree about what a config string means.
+    `args` maps each argument a config string may set to its `schema.Field` (type, range,
+    meaning); every other parameter is an input the trainer passes. A name may be registered once per kind; registering it
+    again is an error, so two modules can never silently disagree about what a config string
+    means.
     """
     _check_kind(kind)
+    args = dict(args or {})
 
     def _add(f):
         key = name or f.__name__
         if key in _REGISTRY[kind] and _REGISTRY[kind][key] is not f:
             raise ValueError(f"{kind} {key!r} is already registered")
+        params = inspect.signature(f).parameters
+        undeclared = [a for a in args if a not in params]
+        if undeclared:
+            raise TypeError(f"{kind} {key!r}: args {undeclared} are not parameters of it")
         _REGISTRY[kind][key] = f
+        _ARGS[kind][key] = args
         return f
 
     return _add(fn) if fn is not None else _add
@@ -67,23 +86,23 @@ def names(kind: str) -> list[str]:
 def parse(spec: str) -> tuple[str, dict[str, Any]]:
     """Splits "name(arg=value, ...)" into ("name", {"arg": value, ...})."""
     if not isinstance(spec, str) or not spec.strip():
-        raise ValueError(f"expected a name or 'name(arg=value, ...)', got {spec!r}")
+        raise ConfigError(f"expected a name or 'name(arg=value, ...)', got {spec!r}")
     try:
         node = ast.parse(spec.strip(), mode="eval").body
     except SyntaxError as e:
-        raise ValueError(f"cannot parse {spec!r}: write a name or 'name(arg=value, ...)'") from e
+        raise ConfigError(f"cannot parse {spec!r}: write a name or 'name(arg=value, ...)'") from e
     if isinstance(node, ast.Name):
         return node.id, {}
     if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)):
-        raise ValueError(f"cannot parse {spec!r}: write a name or 'name(arg=value, ...)'")
+        raise ConfigError(f"cannot parse {spec!r}: write a name or 'name(arg=value, ...)'")
     if node.args:
-        raise ValueError(f"{spec!r}: arguments must be given by keyword, e.g. 'ipo(tau=0.05)'")
+        raise ConfigError(f"{spec!r}: arguments must be given by keyword, e.g. 'ipo(tau=0.05)'")
     kwargs = {}
     for kw in node.keywords:
         if kw.arg is None:
-            raise ValueError(f"{spec!r}: '**' is not allowed; name each argument")
+            raise ConfigError(f"{spec!r}: '**' is not allowed; name each argument")
         if kw.arg in kwargs:
-            raise ValueError(f"{spec!r}: {kw.arg!r} is given twice")
+            raise ConfigError(f"{spec!r}: {kw.arg!r} is given twice")
         try:
             value = ast.literal_eval(kw.value)
         except ValueError:
@@ -92,7 +111,7 @@ def parse(spec: str) -> tuple[str, dict[str, Any]]:
         else:
             ok = _is_scalar_literal(value)
         if not ok:
-            raise ValueError(f"{spec!r}: the value of {kw.arg!r} must be a literal "
+            raise ConfigError(f"{spec!r}: the value of {kw.arg!r} must be a literal "
                              "(number, string, bool, None, or a tuple of those)")
         kwargs[kw.arg] = value
     return node.func.id, kwargs
@@ -124,14 +143,27 @@ def _get_cached(kind: str, spec: str) -> Callable:
     name, kwargs = parse(spec)
     table = _REGISTRY[kind]
     if name not in table:
-        raise ValueError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))}")
+        raise ConfigError(f"unknown {kind} {name!r}; registered: {', '.join(sorted(table))}")
     fn = table[name]
-    bindable = _bindable_params(fn)
-    unknown = sorted(set(kwargs) - set(bindable))
+    declared = _ARGS[kind][name]
+    unknown = sorted(set(kwargs) - set(declared))
     if unknown:
-        raise ValueError(f"{kind} {name!r} has no argument {', '.join(map(repr, unknown))}; "
-                         f"it accepts: {', '.join(bindable) or '(none)'}")
+        raise ConfigError(f"{kind} {name!r} has no argument {', '.join(map(repr, unknown))} "
+                          f"that a config can set; it accepts: "
+                          f"{', '.join(declared) or '(none)'}")
+    for arg, value in kwargs.items():
+        why = declared[arg].problem(value)
+        if why:
+            hint = f" ({declared[arg].doc})" if declared[arg].doc else ""
+            raise ConfigError(f"{kind} {name}: {arg}={value!r} {why}{hint}")
     return functools.partial(fn, **kwargs) if kwargs else fn
+
+
+def arguments(kind: str, name: str) -> dict:
+    """{argument: schema.Field} of what a config string may set on the function `name`."""
+    _check_kind(kind)
+    _load_providers()
+    return dict(_ARGS[kind][name])
 
 
 def validate(kind: str, spec: str | Callable) -> None:
@@ -165,11 +197,6 @@ def call(fn: Callable, **available):
         raise TypeError(f"{_name(fn)} needs {', '.join(missing)}, which the caller did not "
                         f"provide (it provided: {', '.join(sorted(available))})")
     return fn(**chosen)
-
-
-def _bindable_params(fn: Callable) -> list[str]:
-    return [n for n, p in inspect.signature(fn).parameters.items()
-            if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD)]
 
 
 def _name(fn: Callable) -> str:

@@ -1,11 +1,14 @@
 """GAE against a Python loop, sequence-level baselines, whitening and KL-shaped rewards."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from hypothesis import given, settings, strategies as st
 
-from rlhf_jax import advantages, kl, losses
+from rlhf_jax import advantages, kl, losses, registry
 
 
 def _random_batch(seed, b=6, t=9):
@@ -178,3 +181,145 @@ def test_finite_on_extreme_and_degenerate_inputs():
         scores=jnp.array([1.0]), logps=lp, ref_logps=ref, mask=jnp.ones((1, 3)), kl_coef=0.1,
         estimator="k3")))(logps)
     assert np.all(np.isfinite(grad))
+
+
+# --- tied groups: exactly zero, whatever the value ----------------------------------------------
+
+def _baselined(group_size):
+    """The group baselines as [B] -> [B] functions, eager and jitted."""
+    fns = {
+        "grpo": lambda r: advantages.group_normalized(r, group_size),
+        "grpo_eps0": lambda r: advantages.group_normalized(r, group_size, eps=0.0),
+        "dr_grpo": lambda r: advantages.group_normalized(r, group_size, scale=False),
+        "rloo": lambda r: advantages.leave_one_out(r, group_size),
+    }
+    return {**fns, **{f"jit_{k}": jax.jit(f) for k, f in fns.items()}}
+
+
+@pytest.mark.parametrize("value,group_size", [(0.7, 8), (123.4, 16), (1e4, 2), (-3.3, 5),
+                                              (0.1, 3), (1e30, 4), (-0.0, 2)])
+def test_a_tied_group_has_exactly_zero_advantage(value, group_size):
+    # The float32 mean of equal rewards is off by ~1e-7 |r|, and GRPO divided that by
+    # (std + 1e-6): eight rewards of 0.7 all got +0.056, sixteen of 123.4 all got -0.94.
+    r = jnp.full((2 * group_size,), value, jnp.float32)
+    for name, fn in _baselined(group_size).items():
+        np.testing.assert_array_equal(fn(r), 0.0, err_msg=name)
+
+
+@settings(deadline=None, max_examples=30)
+@given(st.floats(-1e30, 1e30).map(np.float32), st.integers(2, 9),
+       st.lists(st.floats(-100, 100, width=32), min_size=9, max_size=9))
+def test_tied_groups_are_zero_beside_untied_ones(value, group_size, other):
+    # A tied group contributes nothing whatever its value, and leaves its neighbours' groups
+    # as they would be alone.
+    untied = jnp.asarray(other[:group_size], jnp.float32)
+    r = jnp.concatenate([jnp.full((group_size,), value, jnp.float32), untied])
+    for name, fn in _baselined(group_size).items():
+        if name.startswith("jit_"):
+            continue  # one compile per group size is too many for a property test
+        out = np.asarray(fn(r))
+        np.testing.assert_array_equal(out[:group_size], 0.0, err_msg=name)
+        np.testing.assert_array_equal(out[group_size:], np.asarray(fn(untied)), err_msg=name)
+
+
+def test_group_normalized_gradient_is_finite_at_a_tie_and_eps_zero_is_defined():
+    # jnp.std has an infinite derivative at 0, which made the whole gradient NaN for a tied
+    # group; eps=0 gave 0/0 = NaN values.
+    w = jnp.array([1.0, -2.0, 0.5, 3.0])
+    for eps in (1e-6, 0.0):
+        grad = jax.grad(lambda r: jnp.sum(w * advantages.group_normalized(r, 4, eps=eps)))(
+            jnp.full((4,), 0.7))
+        np.testing.assert_array_equal(grad, 0.0)
+    # Untied: eps=0 is the plain (r - mean) / std.
+    r = np.array([1.0, 2.0, 4.0, 9.0], np.float32)
+    np.testing.assert_allclose(advantages.group_normalized(r, 4, eps=0.0),
+                               (r - r.mean()) / r.std(), rtol=1e-6)
+    # ... with a finite gradient even when the spread is ~1e-32 (squares of it underflow).
+    tiny = jnp.array([3.9e-32, 0.0, 0.0, 0.0])
+    assert np.all(np.isfinite(jax.grad(
+        lambda r: jnp.sum(w * advantages.group_normalized(r, 4)))(tiny)))
+    with pytest.raises(ValueError, match="eps must be >= 0"):
+        advantages.group_normalized(r, 4, eps=-1e-6)
+
+
+def test_sequence_estimators_give_tied_groups_zero():
+    # Rows with the same sequence return, however the reward is spread over tokens.
+    rewards = np.zeros((4, 3), np.float32)
+    rewards[:2, 2] = 0.7
+    rewards[2:, 1] = 123.4
+    mask = np.ones((4, 3), np.float32)
+    for fn in (advantages.grpo, advantages.dr_grpo, advantages.rloo):
+        adv, _ = fn(rewards=rewards, mask=mask, group_size=2)
+        np.testing.assert_array_equal(adv, 0.0, err_msg=fn.__name__)
+
+
+# --- padding never reaches a valid position -----------------------------------------------------
+
+# Mask with a full row, a shorter one, one that starts after a prompt, and an empty one.
+_MASK = np.array([[1, 1, 1, 1], [1, 1, 0, 0], [0, 1, 1, 1], [0, 0, 0, 0]], np.float32)
+
+
+def _with_padding(x, fills=(np.nan, np.inf, -np.inf, 1e30)):
+    """x with each padded position of _MASK set to one of `fills`, in turn."""
+    x = np.array(x, np.float32)
+    pad = np.argwhere(_MASK == 0)
+    for i, (b, t) in enumerate(pad):
+        x[b, t] = fills[i % len(fills)]
+    return x
+
+
+def _estimator_calls():
+    rng = np.random.default_rng(7)
+    r = rng.normal(size=(4, 4)).astype(np.float32)
+    v = rng.normal(size=(4, 4)).astype(np.float32)
+    lp = -np.abs(rng.normal(size=(4, 4))).astype(np.float32)
+    ref = -np.abs(rng.normal(size=(4, 4))).astype(np.float32)
+    calls = {
+        "gae": (lambda r, v, lp, ref, m: advantages.gae(rewards=r, values=v, mask=m)),
+        "reward_to_go": (lambda r, v, lp, ref, m: advantages.reward_to_go(rewards=r, mask=m)),
+        "whiten": lambda r, v, lp, ref, m: advantages.whiten(r, m),
+        "whiten_rescale": lambda r, v, lp, ref, m: advantages.whiten(r, m, shift_mean=False),
+    }
+    for name in ("grpo", "dr_grpo", "rloo", "best_of_n"):
+        calls[name] = functools.partial(
+            lambda r, v, lp, ref, m, fn: fn(rewards=r, mask=m, group_size=2),
+            fn=getattr(advantages, name))
+    scores = rng.normal(size=4).astype(np.float32)  # per row: nothing of it is padding
+    for est in registry.names("kl_estimator"):
+        calls[f"kl_shaped_{est}"] = functools.partial(
+            lambda r, v, lp, ref, m, est: advantages.kl_shaped_rewards(
+                scores=scores, logps=lp, ref_logps=ref, mask=m, kl_coef=0.1, estimator=est),
+            est=est)
+    return calls, (r, v, lp, ref)
+
+
+@pytest.mark.parametrize("name", sorted(_estimator_calls()[0]))
+def test_padding_never_reaches_a_valid_position(name):
+    # Before, the mask multiplied instead of selecting: one NaN reward at a padded position
+    # turned gae's, reward_to_go's, grpo's and rloo's whole row (and group) NaN, and an inf
+    # padded value whiten's padded outputs NaN.
+    calls, clean = _estimator_calls()
+    fn = calls[name]
+    dirty = tuple(_with_padding(x) for x in clean)
+    nan_mask = np.where(_MASK > 0, 1.0, np.nan).astype(np.float32)  # NaN counts as padding
+    expected = fn(*clean, _MASK)
+    for inputs, mask in ((dirty, _MASK), (clean, nan_mask), (dirty, nan_mask)):
+        for a, b in zip(jax.tree.leaves(fn(*inputs, mask)), jax.tree.leaves(expected)):
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_array_equal(np.asarray(a)[_MASK == 0], 0.0)
+
+
+@pytest.mark.parametrize("estimator", ["k1", "k2", "k3"])
+def test_kl_shaped_rewards_gradient_ignores_minus_inf_padding(estimator):
+    # k2 and k3 of (-inf) - (-inf) are NaN; a where on the output kept the value 0 but the
+    # gradient NaN at padded positions (and it was summed into the parameters' gradient).
+    logps = jnp.array([[-1.0, -2.0, -jnp.inf]])
+    ref = jnp.array([[-1.5, -1.0, -jnp.inf]])
+    mask = jnp.array([[1.0, 1.0, 0.0]])
+    f = lambda lp: jnp.sum(advantages.kl_shaped_rewards(  # noqa: E731
+        scores=jnp.array([1.0]), logps=lp, ref_logps=ref, mask=mask, kl_coef=0.1,
+        estimator=estimator))
+    grad = np.asarray(jax.grad(f)(logps))
+    assert np.all(np.isfinite(grad)) and grad[0, 2] == 0.0
+    clean = np.asarray(jax.grad(f)(logps.at[0, 2].set(-3.0)))
+    np.testing.assert_array_equal(grad, clean)

@@ -90,3 +90,28 @@ def test_gradient_accumulation_equals_whole_batch_gradient():
 def test_all_modes_are_registered():
     assert registry.names("loss_agg") == ["seq_mean_token_mean", "seq_mean_token_sum_norm",
                                           "token_mean"]
+
+
+@pytest.mark.parametrize("mode", ["token_mean", "seq_mean_token_mean",
+                                  "seq_mean_token_sum_norm(norm=4)"])
+def test_nan_in_the_mask_is_padding_not_a_nan_count(mode):
+    # Valid means mask > 0, so a NaN entry is padding. token_mean used to count sum(mask) and
+    # seq_mean_token_mean sum(mask, -1): a NaN entry made the denominator, and the loss, NaN.
+    x = np.array([[1.0, 2.0, 3.0], [4.0, 5.0, 6.0]], np.float32)
+    zeros = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+    nans = np.where(zeros > 0, 1.0, np.nan).astype(np.float32)
+    s0, d0 = aggregation.parts(x, zeros, mode)
+    s1, d1 = aggregation.parts(x, nans, mode)
+    assert (float(s0), float(d0)) == (float(s1), float(d1))
+    assert float(aggregation.denominator(nans, mode)) == float(d0)
+    assert float(aggregation.masked_mean(x, nans)) == pytest.approx(7 / 3)
+
+
+def test_gradient_at_padded_positions_is_exactly_zero_whatever_they_hold():
+    x = jnp.array([[1.0, jnp.inf], [2.0, jnp.nan]])
+    m = jnp.array([[1.0, 0.0], [1.0, jnp.nan]])
+    for mode in registry.names("loss_agg"):
+        spec = mode + ("(norm=2)" if mode == "seq_mean_token_sum_norm" else "")
+        grad = jax.grad(lambda v: aggregate(v, m, spec))(x)
+        np.testing.assert_array_equal(np.asarray(grad)[:, 1], 0.0)
+        assert np.all(np.isfinite(grad)), mode

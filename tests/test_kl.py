@@ -94,3 +94,33 @@ def test_adaptive_controller_drives_kl_toward_target():
     for _ in range(400):
         state = update(state, kl=2.0 / state.kl_coef, n_steps=100)
     assert 2.0 / float(state.kl_coef) == pytest.approx(4.0, rel=0.05)
+
+
+@pytest.mark.parametrize("kind", registry.names("kl_estimator"))
+def test_estimate_ignores_padding_in_value_and_gradient(kind):
+    # k2 and k3 of (-inf) - (-inf) are NaN. The estimate was set to 0 there, but by a where on
+    # the output only, so the gradient at the padded position was 0 * NaN = NaN. Now both
+    # log-probs are selected away first, whatever padding holds.
+    mask = jnp.array([[1.0, 0.0, 0.0, 0.0, 0.0]])
+    ref = jnp.array([[-1.2, -jnp.inf, jnp.nan, -1e30, 3e38]])
+    padded = jnp.array([[-1.0, -jnp.inf, 1e30, jnp.nan, -jnp.inf]])
+    clean = jnp.array([[-1.0, -2.0, -3.0, -4.0, -5.0]])
+
+    def value_and_grad(lp, ref, mask):
+        return jax.value_and_grad(lambda x: jnp.sum(
+            kl.estimate(logps=x, ref_logps=ref, kind=kind, mask=mask)))(lp)
+
+    value, grad = value_and_grad(padded, ref, mask)
+    expected_value, expected_grad = value_and_grad(clean, jnp.full_like(ref, -1.2), mask)
+    assert float(value) == float(expected_value)
+    np.testing.assert_array_equal(grad, expected_grad)
+    assert np.all(np.isfinite(grad)) and np.all(np.asarray(grad)[0, 1:] == 0.0)
+
+
+def test_nan_in_the_mask_is_padding():
+    # A position is valid where mask > 0; NaN > 0 is False (documented, not refused: refusing
+    # would need a host sync inside jit).
+    lp, ref = jnp.array([[-1.0, -jnp.inf]]), jnp.array([[-2.0, -1.0]])
+    a = kl.estimate(logps=lp, ref_logps=ref, kind="k3", mask=jnp.array([[1.0, jnp.nan]]))
+    b = kl.estimate(logps=lp, ref_logps=ref, kind="k3", mask=jnp.array([[1.0, 0.0]]))
+    np.testing.assert_array_equal(a, b)

@@ -340,3 +340,108 @@ def test_finite_values_and_gradients_on_extreme_inputs(name):
         assert np.isfinite(float(value)), (name, key)
     grad = jax.grad(lambda s: fn(s)[0])(1.0)
     assert np.isfinite(float(grad)), name
+
+
+# --- fail well: huge values, zero coefficients, padding -----------------------------------------
+
+@pytest.mark.parametrize("r", [1.8e19, 1e30, 3e38, -3e38])
+def test_bradley_terry_default_is_finite_for_any_finite_reward(r):
+    # With center_coef=0, 0 * (r+ + r-)^2 = 0 * inf was NaN for |r| >= ~1.8e19.
+    rc = rr = jnp.array([r], jnp.float32)
+    loss, metrics = losses.bradley_terry(chosen_rewards=rc, rejected_rewards=rr)
+    assert float(loss) == pytest.approx(math.log(2))
+    grad = jax.grad(lambda a: losses.bradley_terry(chosen_rewards=a, rejected_rewards=rr)[0])(rc)
+    assert float(grad[0]) == pytest.approx(-0.5)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+
+
+def test_bradley_terry_traced_center_coef():
+    # A traced coefficient of 0 must skip the term too (value and gradient), and a traced
+    # non-zero one must give the same loss as a Python one.
+    def value_and_grad(coef, rc, rr):
+        return jax.value_and_grad(lambda a: losses.bradley_terry(
+            chosen_rewards=a, rejected_rewards=rr, center_coef=coef)[0])(rc)
+
+    huge = jnp.array([1e30], jnp.float32)
+    loss, grad = jax.jit(value_and_grad)(0.0, huge, huge)
+    assert float(loss) == pytest.approx(math.log(2)) and float(grad[0]) == pytest.approx(-0.5)
+    rc, rr = jnp.array([2.0, 0.5]), jnp.array([1.0, 1.0])
+    traced, _ = jax.jit(value_and_grad)(0.01, rc, rr)
+    static, _ = value_and_grad(0.01, rc, rr)
+    assert float(traced) == pytest.approx(float(static), rel=1e-6)
+    assert float(static) > float(value_and_grad(0.0, rc, rr)[0])
+
+
+def test_ppo_clip_is_finite_for_a_huge_negative_advantage_at_the_ratio_clamp():
+    # ratio = exp(20) (the log-ratio clamp) times A = -1e30 overflowed float32: the loss was inf.
+    loss, metrics = losses.ppo_clip(logps=jnp.array([[0.0]]), old_logps=jnp.array([[-30.0]]),
+                                    advantages=jnp.array([[-1e30]]), mask=jnp.ones((1, 1)))
+    expected = losses.ADVANTAGE_CLAMP * math.exp(20.0)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    grad = jax.grad(lambda lp: losses.ppo_clip(
+        logps=lp, old_logps=jnp.array([[-30.0]]), advantages=jnp.array([[-1e30]]),
+        mask=jnp.ones((1, 1)))[0])(jnp.array([[0.0]]))
+    assert np.all(np.isfinite(grad))  # 0: the log-ratio is at its clamp
+
+
+def test_explained_variance_is_floored_not_minus_inf():
+    # Var(R) ~ 1e-37 > 0 and Var(R - V) ~ 1e30: the ratio overflowed to -inf, with a NaN gradient.
+    t = jnp.array([[0.0, 1e-18, 0.0, 0.0]])
+    p = jnp.array([[1e15, -1e15, 0.0, 0.0]])
+    m = jnp.ones((1, 4))
+    ev = losses.explained_variance(predictions=p, targets=t, mask=m)
+    assert float(ev) == float(np.float32(losses.EXPLAINED_VARIANCE_FLOOR))
+    grad = jax.grad(lambda x: losses.explained_variance(predictions=x, targets=t, mask=m))(p)
+    assert np.all(np.isfinite(grad))
+    # Within range it is unchanged.
+    t = jnp.array([[1.0, 2.0, 3.0, 4.0]])
+    ev = losses.explained_variance(predictions=t + jnp.array([[0.5, -0.5, 0.5, -0.5]]),
+                                   targets=t, mask=m)
+    assert float(ev) == pytest.approx(1.0 - 0.25 / 1.25, rel=1e-6)
+
+
+_PAD_MASK = jnp.array([[1.0, 1.0, 0.0], [1.0, 0.0, 0.0]])
+_PAD_NAN_MASK = jnp.where(_PAD_MASK > 0, 1.0, jnp.nan)  # NaN in a mask is padding
+
+
+def _pad(x, fill):
+    return jnp.where(_PAD_MASK > 0, jnp.asarray(x, jnp.float32), fill)
+
+
+_MASKED_LOSSES = {
+    "ppo_clip": lambda x, m: losses.ppo_clip(logps=x["lp"], old_logps=x["old"],
+                                             advantages=x["a"], mask=m, dual_clip=3.0),
+    "reinforce": lambda x, m: losses.reinforce(logps=x["lp"], advantages=x["a"], mask=m,
+                                               agg="seq_mean_token_mean"),
+    "value_loss": lambda x, m: losses.value_loss(values=x["lp"], old_values=x["old"],
+                                                 returns=x["a"], mask=m),
+    "entropy": lambda x, m: losses.entropy(logits=x["lp"][..., None] * jnp.arange(3.0),
+                                           mask=m),
+}
+
+
+@pytest.mark.parametrize("name", sorted(_MASKED_LOSSES))
+@pytest.mark.parametrize("fill", [jnp.nan, jnp.inf, -jnp.inf, 1e30])
+def test_padding_changes_neither_loss_metrics_nor_gradient(name, fill):
+    # The mask used to multiply: value_loss's gradient was NaN with NaN padded values, and
+    # reinforce's with an inf padded advantage (0 * inf in the backward pass).
+    fn = _MASKED_LOSSES[name]
+    clean = {"lp": jnp.array([[-1.0, -2.0, -0.5], [-0.3, -1.0, -1.0]]),
+             "old": jnp.array([[-1.1, -1.5, -0.5], [-0.2, -1.0, -1.0]]),
+             "a": jnp.array([[1.0, -2.0, 0.5], [3.0, 1.0, 1.0]])}
+    dirty = {k: _pad(v, fill) for k, v in clean.items()}
+
+    def run(x, m):
+        (loss, metrics), grad = jax.value_and_grad(lambda lp: fn({**x, "lp": lp}, m),
+                                                   has_aux=True)(x["lp"])
+        return loss, metrics, grad
+
+    loss, metrics, grad = run(clean, _PAD_MASK)
+    for x, m in ((dirty, _PAD_MASK), (dirty, _PAD_NAN_MASK)):
+        loss2, metrics2, grad2 = run(x, m)
+        assert float(loss2) == float(loss)
+        assert {k: float(v) for k, v in metrics2.items()} == {
+            k: float(v) for k, v in metrics.items()}
+        np.testing.assert_array_equal(grad2, grad)
+    assert np.all(np.asarray(grad)[_PAD_MASK == 0] == 0.0)

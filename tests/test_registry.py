@@ -1,13 +1,15 @@
 """The registry: every name resolves and runs under jit; bad specs fail with what is valid."""
 
 import functools
+import inspect
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import kl, registry
+from rlhf_jax import kl, registry, schema
+from rlhf_jax.errors import ConfigError
 
 B, T = 4, 5
 
@@ -58,8 +60,8 @@ def test_every_registered_name_resolves_and_runs_under_jit(kind, name):
 def test_spec_binds_arguments():
     fn = registry.get("pref_loss", "ipo(tau=0.05)")
     assert isinstance(fn, functools.partial) and fn.keywords == {"tau": 0.05}
-    fn = registry.get("policy_loss", "ppo_clip(clip_eps=0.1, clip_eps_high=0.3, agg='seq_mean_token_mean')")
-    assert fn.keywords["agg"] == "seq_mean_token_mean"
+    fn = registry.get("policy_loss", "ppo_clip(clip_eps=0.1, clip_eps_high=0.3, dual_clip=None)")
+    assert fn.keywords == {"clip_eps": 0.1, "clip_eps_high": 0.3, "dual_clip": None}
     assert registry.get("pref_loss", " dpo ") is registry.get("pref_loss", "dpo")
     # A callable passes through, so code can take either a config string or a function.
     assert registry.get("pref_loss", len) is len
@@ -67,12 +69,17 @@ def test_spec_binds_arguments():
 
 def test_bound_arguments_change_the_result_and_are_not_overridden_by_call():
     inputs = _inputs("advantage")
-    adv_bound, _ = registry.call(registry.get("advantage", "grpo(group_size=4)"), **inputs)
+    adv_bound, _ = registry.call(registry.get("advantage", "grpo(scale=False)"), **inputs)
     adv_default, _ = registry.call(registry.get("advantage", "grpo"), **inputs)
     assert not np.allclose(adv_bound, adv_default)
+    # The bound value wins over one the caller passes.
+    adv_called, _ = registry.call(registry.get("advantage", "grpo(scale=False)"), **inputs,
+                                  scale=True)
     expected, _ = registry.get("advantage", "grpo")(rewards=inputs["rewards"],
-                                                   mask=inputs["mask"], group_size=4)
+                                                   mask=inputs["mask"], group_size=2,
+                                                   scale=False)
     np.testing.assert_allclose(adv_bound, expected)
+    np.testing.assert_allclose(adv_called, expected)
 
 
 def test_typo_lists_registered_names():
@@ -84,13 +91,58 @@ def test_typo_lists_registered_names():
         registry.get("pref_loss", "ipo(beta=0.1)")
     with pytest.raises(ValueError, match="kinds: reward_loss"):
         registry.get("pref_losses", "dpo")
-    with pytest.raises(ValueError, match="beta must be > 0"):
-        registry.call(registry.get("pref_loss", "dpo(beta=-1.0)"), **_inputs("pref_loss"))
-    with pytest.raises(ValueError, match="tau must be > 0"):
-        registry.call(registry.get("pref_loss", "ipo(tau=0)"), **_inputs("pref_loss"))
-    with pytest.raises(ValueError, match="dual_clip must be > 1"):
-        registry.call(registry.get("policy_loss", "ppo_clip(dual_clip=0.5)"),
-                      **_inputs("policy_loss"))
+    # Out-of-range values fail when the spec is read (config load), not at the first trace.
+    with pytest.raises(ConfigError, match=r"beta=-1.0 must be a number > 0"):
+        registry.get("pref_loss", "dpo(beta=-1.0)")
+    with pytest.raises(ConfigError, match="tau=0 must be a number > 0"):
+        registry.get("pref_loss", "ipo(tau=0)")
+    with pytest.raises(ConfigError, match="dual_clip=0.5 must be a number > 1"):
+        registry.get("policy_loss", "ppo_clip(dual_clip=0.5)")
+    # Inputs the trainer passes are not config arguments.
+    with pytest.raises(ConfigError, match="no argument 'group_size'.*accepts: scale, eps"):
+        registry.get("advantage", "grpo(group_size=4)")
+
+
+@pytest.mark.parametrize("spec,match", [
+    ("ppo_clip(clip_eps=0)", r"clip_eps=0 must be a number in \(0, 1\)"),
+    ("ppo_clip(clip_eps=1.5)", r"clip_eps=1.5 must be a number in \(0, 1\)"),
+    ("ppo_clip(clip_eps=True)", "clip_eps=True must be a number"),
+    ("ppo_clip(clip_eps='0.2')", "clip_eps='0.2' must be a number"),
+    ("ppo_clip(clip_eps_high=-0.1)", "clip_eps_high=-0.1 must be a number > 0"),
+])
+def test_argument_ranges_are_checked_at_lookup(spec, match):
+    with pytest.raises(ConfigError, match=match):
+        registry.get("policy_loss", spec)
+
+
+@pytest.mark.parametrize("kind,spec,match", [
+    ("advantage", "grpo(eps=0)", "eps=0 must be a number > 0"),
+    ("advantage", "gae(gamma=1.5)", r"gamma=1.5 must be a number in \[0, 1\]"),
+    ("advantage", "best_of_n(top=0)", "top=0 must be an int >= 1"),
+    ("advantage", "best_of_n(top=1.0)", "top=1.0 must be an int >= 1"),
+    ("kl_controller", "adaptive(target=-1.0)", "target=-1.0 must be a number > 0"),
+    ("kl_controller", "adaptive(horizon=0)", "horizon=0 must be a number > 0"),
+    ("loss_agg", "seq_mean_token_sum_norm(norm=0)", "norm=0 must be a number > 0"),
+    ("pref_loss", "dpo(label_smoothing=0.5)", r"label_smoothing=0.5 must be a number in \[0, 0.5\)"),
+    ("reward_loss", "bradley_terry(center_coef=-1)", "center_coef=-1 must be a number >= 0"),
+])
+def test_every_kind_declares_ranges(kind, spec, match):
+    with pytest.raises(ConfigError, match=match):
+        registry.get(kind, spec)
+
+
+def test_declared_arguments_are_keyword_parameters_of_every_function():
+    # The registry is the one list: every registered function says what a config may set, and
+    # each declared argument is a real parameter with a range.
+    for kind, name in ALL_NAMES:
+        fn = registry.get(kind, name)
+        params = inspect.signature(fn).parameters
+        for arg, field in registry.arguments(kind, name).items():
+            assert arg in params, (kind, name, arg)
+            assert isinstance(field, schema.Field) and field.describe(), (kind, name, arg)
+    with pytest.raises(TypeError, match="not parameters"):
+        registry.register("pref_loss", "bogus", fn=lambda *, x=1: None,
+                          args={"y": schema.Float()})
 
 
 def test_same_spec_gives_the_same_object():
