@@ -10,6 +10,7 @@ import tensorflow_datasets as tfds
 
 from rlhf_jax.data import batching, builders, synthetic
 from rlhf_jax.data.records import DataError
+from rlhf_jax.errors import CheckpointError, ConfigError
 
 tfds.display_progress_bar(False)
 
@@ -294,3 +295,136 @@ def test_overlong_skip_leaves_an_empty_counted_row(tb):
     assert [tb.id_to_word(i) for i in batch["tokens"][2][batch["mask"][2] == 1]] == (
         "<s> the cast was bad . </s>".split())
     assert it.get_state()["next_batch"] == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Failing well: bad configs, bad states and bad records, each named in one line
+# ---------------------------------------------------------------------------------------------
+
+BAD_CONFIGS = [
+    (dict(batch_size=0), "batch_size=0"),
+    (dict(batch_size=2.0), "batch_size=2.0"),
+    (dict(batch_size=True), "batch_size=True"),
+    (dict(buckets=()), "buckets=()"),
+    (dict(buckets=(16, 0)), "buckets"),
+    (dict(buckets=(32, 16)), "buckets=(32, 16)"),
+    (dict(buckets=(16.0, 32)), "buckets"),
+    (dict(buckets=64), "buckets=64"),
+    (dict(max_prompt_len=0), "max_prompt_len=0"),
+    (dict(max_prompt_len=64), "max_prompt_len=64"),
+    (dict(max_prompt_len="8"), "max_prompt_len='8'"),
+    (dict(seed=-1), "seed=-1"),
+    (dict(num_epochs=0), "num_epochs=0"),
+    (dict(shuffle="yes"), "shuffle='yes'"),
+    (dict(prefetch=-1), "prefetch=-1"),
+    (dict(overlong="drop"), "overlong='drop'"),
+]
+
+
+@pytest.mark.parametrize("kwargs,named", BAD_CONFIGS, ids=[n for _, n in BAD_CONFIGS])
+def test_batch_config_is_validated(kwargs, named):
+    with pytest.raises(ConfigError) as err:
+        batching.BatchConfig(**{"batch_size": 2, **kwargs})
+    msg = str(err.value)
+    assert msg.startswith(f"batching: {named}") and "; use " in msg and "\n" not in msg
+
+
+def test_batch_config_takes_buckets_as_a_list():
+    cfg = batching.BatchConfig(batch_size=2, buckets=[16, 32], max_prompt_len=8)
+    assert cfg.buckets == (16, 32) and hash(cfg)
+
+
+def test_make_iterator_arguments_are_validated(tb, sft_rows):
+    cfg = batching.BatchConfig(batch_size=2)
+    make = lambda source=sft_rows, **kw: batching.make_iterator(  # noqa: E731
+        source, tokenizer=tb.tokenizer, config=cfg, **{"kind": "sft", **kw})
+    with pytest.raises(ConfigError, match="kind='rl' is invalid"):
+        make(kind="rl")
+    with pytest.raises(ConfigError, match="chat_loss_on='first' is invalid"):
+        make(kind="chat", chat_loss_on="first")
+    with pytest.raises(ConfigError, match=r"fields \['answer'\] are not roles of kind='sft'"):
+        make(fields={"answer": "output"})
+    with pytest.raises(ConfigError, match="format='html' is invalid"):
+        make(format="html")
+    with pytest.raises(DataError, match="^empty/train: has no records; "):
+        make(source=[], name="empty/train")
+
+
+def _state_iterator(tb, sft_rows, **kw):
+    cfg = batching.BatchConfig(batch_size=3, buckets=(48,), seed=4, **kw)
+    return batching.make_iterator(sft_rows, kind="sft", tokenizer=tb.tokenizer, config=cfg)
+
+
+@pytest.mark.parametrize("state", [
+    None, [], {}, {"next_batch": 2}, {"fingerprint": {}}, {"next_batch": -1, "fingerprint": {}},
+    {"next_batch": "2", "fingerprint": {}}, {"next_batch": 2.0, "fingerprint": {}},
+    {"next_batch": 2, "fingerprint": "sft"}])
+def test_malformed_iterator_state_is_refused(tb, sft_rows, state):
+    it = _state_iterator(tb, sft_rows)
+    with pytest.raises(CheckpointError, match="is not a saved position") as err:
+        it.set_state(state)
+    assert "\n" not in str(err.value)
+
+
+def test_state_from_another_dataset_or_past_the_end_is_refused(tb, sft_rows):
+    state = _state_iterator(tb, sft_rows).get_state()
+    other = _state_iterator(tb, sft_rows[:-1])          # the dataset changed size
+    with pytest.raises(ConfigError, match=r"'num_examples': \(23, 22\)"):
+        other.set_state(state)
+    finite = _state_iterator(tb, sft_rows, num_epochs=1)   # 7 batches of 3 from 23
+    finite.set_state({**finite.get_state(), "next_batch": 7})
+    with pytest.raises(StopIteration):
+        next(finite)
+    with pytest.raises(CheckpointError,
+                       match=r"next_batch=8 is past the end of this pipeline \(7 batches\)"):
+        finite.set_state({**finite.get_state(), "next_batch": 8})
+
+
+GOOD = {"prompt": "the plot", "completion": "was good .", "chosen": "was good .",
+        "rejected": "was bad .", "gold": 1.5}
+BAD_RECORDS = [
+    ("none", "sft", None, "<record>", "expected a record (a dict of fields), got NoneType"),
+    ("string", "sft", "the plot was good", "<record>", "got str"),
+    ("list", "pairs", ["the plot", "was good"], "<record>", "got list"),
+    ("null_text", "sft", {**GOOD, "completion": None}, "completion", "missing (null)"),
+    ("number_text", "sft", {**GOOD, "prompt": 3}, "prompt", "expected text, got int"),
+    ("extra_missing", "pairs", {k: v for k, v in GOOD.items() if k != "gold"}, "gold",
+     "missing"),
+    ("extra_text", "pairs", {**GOOD, "gold": "high"}, "gold", "expected a number, got 'high'"),
+    ("extra_list", "pairs", {**GOOD, "gold": [1.0, 2.0]}, "gold", "expected a number"),
+    ("extra_nan", "pairs", {**GOOD, "gold": float("nan")}, "gold", "not a finite number"),
+    ("extra_inf", "pairs", {**GOOD, "gold": np.float32("inf")}, "gold", "not a finite number"),
+    ("messages_int", "chat", {"messages": 5}, "messages", "expected a list of {role, content}"),
+    ("message_str", "chat", {"messages": ["hello"]}, "messages[0]",
+     "expected a {role, content} message, got str"),
+    ("no_content", "chat", {"messages": [{"role": "user", "content": "hi"},
+                                         {"role": "assistant"}]}, "messages[1].content",
+     "missing"),
+    ("null_content", "chat", {"messages": [{"role": "assistant", "content": None}]},
+     "messages[0].content", "missing (null)"),
+    ("no_role", "chat", {"messages": [{"content": "hi"}]}, "messages[0].role", "missing"),
+    ("bad_role", "chat", {"messages": [{"role": "bot", "content": "hi"}]}, "messages[0].role",
+     "unknown role 'bot'"),
+    ("tfds_no_content", "chat", {"messages": {"role": [b"user"]}}, "messages.content",
+     "missing"),
+    ("tfds_lengths", "chat", {"messages": {"role": [b"user", b"assistant"],
+                                           "content": [b"hi"]}}, "messages",
+     "2 roles but 1 contents"),
+]
+
+
+@pytest.mark.parametrize("case,kind,record,field,reason", BAD_RECORDS,
+                         ids=[c[0] for c in BAD_RECORDS])
+def test_bad_record_names_source_record_and_field(tb, case, kind, record, field, reason):
+    cfg = batching.BatchConfig(batch_size=2, buckets=(48,), shuffle=False)
+    extra = ("gold",) if kind == "pairs" else ()
+    it = batching.make_iterator([GOOD if kind != "chat" else
+                                 {"messages": [{"role": "assistant", "content": "ok"}]}, record],
+                                kind=kind, tokenizer=tb.tokenizer, config=cfg,
+                                extra_fields=extra, name="mine/train")
+    with pytest.raises(DataError) as err:
+        next(it)
+    e = err.value
+    assert (e.file, e.index, e.field) == ("mine/train", 1, field)
+    assert reason in e.reason
+    assert str(e).startswith(f"mine/train: record 1: field {field!r}: ") and "\n" not in str(e)

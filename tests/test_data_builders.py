@@ -1,9 +1,12 @@
 """TFDS builders on fixtures in the real upstream formats, TF-free reading, and bad input."""
 
+import bz2
 import dataclasses
 import gzip
 import io
 import json
+import logging
+import lzma
 import os
 import subprocess
 import sys
@@ -304,6 +307,20 @@ BAD_HH = [
                          "rejected": hh(Q, ("Assistant", "b"))}, "chosen", "ends with a human"),
     ("too_long", {"chosen": hh(Q, ("Assistant", "x" * 500)), "rejected": hh(Q, ("Assistant", "b"))},
      "chosen", "longer than the limit"),
+    # Responses that differ only in spacing carry no preference (docs/data.md, "Bad input").
+    ("whitespace_only", {"chosen": hh(Q, ("Assistant", "Same answer.")),
+                         "rejected": hh(Q, ("Assistant", "Same  answer.\n"))},
+     "rejected", "identical to chosen up to whitespace"),
+    # A response to nothing: no human turn, or a human turn without text.
+    ("no_human", {"chosen": hh(("Assistant", "a")), "rejected": hh(("Assistant", "b"))},
+     "chosen", "no human turn"),
+    ("empty_human", {"chosen": hh(("Human", " "), ("Assistant", "a")),
+                     "rejected": hh(("Human", " "), ("Assistant", "b"))}, "chosen",
+     "empty human turn"),
+    ("empty_earlier_human",
+     {"chosen": hh(("Human", ""), ("Assistant", "hi"), Q, ("Assistant", "a")),
+      "rejected": hh(("Human", ""), ("Assistant", "hi"), Q, ("Assistant", "b"))},
+     "chosen", "empty human turn"),
 ]
 
 
@@ -318,6 +335,8 @@ def test_hh_bad_record_raises_with_location(tmp_path, case, record, field, reaso
     assert reason in e.reason
     msg = str(e)
     assert "train.jsonl.gz" in msg and "record 2" in msg and repr(field) in msg
+    # One line, `what; how to fix` (the command line prints it as `error: <message>`).
+    assert "\n" not in msg and msg.endswith("skip_invalid=True to skip and count it")
 
 
 def test_hh_undecodable_and_invalid_json(tmp_path):
@@ -331,22 +350,29 @@ def test_hh_undecodable_and_invalid_json(tmp_path):
     with pytest.raises(DataError, match=r"record 2: field '<record>': not valid JSON"):
         builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "d2"),
                          manual_dir=str(tmp_path / "m2"))
+    # Nested deeper than Python's recursion limit: json raises RecursionError, not a decode
+    # error; it is a bad record like any other (and skip_invalid skips it, see below).
+    write_hh(str(tmp_path / "m3"), HH_GOOD, raw_lines=[b"[" * 100_000 + b"]" * 100_000])
+    with pytest.raises(DataError, match=r"record 2: field '<record>': JSON nested too deeply"):
+        builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "d3"),
+                         manual_dir=str(tmp_path / "m3"))
 
 
 def test_hh_skip_invalid_counts_every_case(tmp_path):
     bad = [r for _, r, _, _ in BAD_HH]
     undecodable = (b'{"chosen": "\\n\\nHuman: q\\n\\nAssistant: \xff", '
                    b'"rejected": "\\n\\nHuman: q\\n\\nAssistant: fine"}')
-    write_hh(str(tmp_path / "manual"), HH_GOOD + bad, raw_lines=[undecodable, b"[1, 2]"])
+    raw = [undecodable, b"[1, 2]", b"null", b'"a string"', b"[" * 100_000 + b"]" * 100_000]
+    write_hh(str(tmp_path / "manual"), HH_GOOD + bad, raw_lines=raw)
     b = builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "data"),
                          manual_dir=str(tmp_path / "manual"), skip_invalid=True, max_chars=300)
     assert len(b.as_data_source(split="train")) == 2
-    assert b.skipped["skipped"] == len(bad) + 2
-    assert sum(b.skipped["by_reason"].values()) == len(bad) + 2
+    assert b.skipped["skipped"] == len(bad) + len(raw)
+    assert sum(b.skipped["by_reason"].values()) == len(bad) + len(raw)
     assert any("record 2" in m for m in b.skipped["examples"])
     # The count is stored with the data: a fresh builder on the same dir reports it too.
     again = builders.HhRlhfPairs(data_dir=str(tmp_path / "data"))
-    assert again.skipped["skipped"] == len(bad) + 2
+    assert again.skipped["skipped"] == len(bad) + len(raw)
     # After fixing the raw files, overwrite=True rebuilds in place.
     write_hh(str(tmp_path / "manual"), HH_GOOD)
     fixed = builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "data"),
@@ -361,6 +387,14 @@ BAD_TLDR = [
     ("identical", lambda r: r["summaries"][1].update(text=r["summaries"][0]["text"]),
      "summaries[1].text", "identical"),
     ("bad_choice", lambda r: r.update(choice=2), "choice", "expected 0 or 1"),
+    # 1.0 == 1 passes `in (0, 1)` but cannot index the summaries; only the integers are labels.
+    ("float_choice", lambda r: r.update(choice=1.0), "choice", "got 1.0 (float)"),
+    ("bool_choice", lambda r: r.update(choice=True), "choice", "got True (bool)"),
+    ("null_choice", lambda r: r.update(choice=None), "choice", "got None (NoneType)"),
+    ("info_not_object", lambda r: r.update(info="a post"), "info.post",
+     "expected an object at 'info', got str"),
+    ("summaries_not_list", lambda r: r.update(summaries="ab"), "summaries[0].text",
+     "expected a list at 'summaries', got str"),
     ("bad_split", lambda r: r.update(split="dev"), "split", "not one of"),
     ("too_long", lambda r: r["info"].update(post="word " * 100), "info.post", "longer than"),
 ]
@@ -417,3 +451,201 @@ def test_stage_data_source_keeps_label_noise_settings_apart(tmp_path):
     noisy = common.data_source(data, "pairs", "train", tmp_path)
     swapped = [clean[i]["chosen"] != noisy[i]["chosen"] for i in range(64)]
     assert 10 < sum(swapped) < 54
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged, compressed and unknown files: named, never silently dropped
+# ---------------------------------------------------------------------------------------------
+
+def _gz(rows):
+    return gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in rows * 20))
+
+
+def _corrupt_body(data):
+    """Flips 16 bytes in the middle of a compressed stream (header and trailer intact)."""
+    mid = len(data) // 2
+    return data[:mid] + bytes(b ^ 0xFF for b in data[mid:mid + 16]) + data[mid + 16:]
+
+
+HTML_PAGE = b"<!DOCTYPE html>\n<html><head><title>404 Not Found</title></head></html>\n"
+_LINES = b"".join(json.dumps(r).encode() + b"\n" for r in HH_GOOD * 20)
+DAMAGED = [
+    ("truncated_gz", "train.jsonl.gz", lambda: _gz(HH_GOOD)[:len(_gz(HH_GOOD)) // 2],
+     "ended before"),
+    ("not_gzip", "train.jsonl.gz", lambda: _LINES, "Not a gzipped file"),
+    ("corrupt_gz_body", "train.jsonl.gz", lambda: _corrupt_body(_gz(HH_GOOD)), "cannot be read"),
+    ("truncated_bz2", "train.jsonl.bz2", lambda: bz2.compress(_LINES)[:100], "ended before"),
+    ("corrupt_xz", "train.jsonl.xz", lambda: _corrupt_body(lzma.compress(_LINES)),
+     "cannot be read"),
+    ("html_page", "train.jsonl.gz", lambda: HTML_PAGE, "HTML page"),
+    ("empty_file", "train.jsonl", lambda: b"", "empty"),
+]
+
+
+@pytest.mark.parametrize("case,filename,content,reason", DAMAGED, ids=[c[0] for c in DAMAGED])
+def test_damaged_jsonl_file_is_named_or_skipped(tmp_path, case, filename, content, reason):
+    manual = tmp_path / "manual"
+    write_hh(str(manual), HH_GOOD)
+    damaged = manual / "harmless-base" / filename
+    damaged.parent.mkdir(parents=True)
+    damaged.write_bytes(content())
+    rel = os.path.join("harmless-base", filename)
+    with pytest.raises(DataError) as err:
+        builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "d1"),
+                         manual_dir=str(manual))
+    e = err.value
+    assert (e.file, e.index, e.field) == (rel, None, None) and reason in str(e)
+    assert "\n" not in str(e) and "download the file again" in str(e)
+    # skip_invalid: the damaged file is left out and named; the good files are read.
+    b = builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "d2"),
+                         manual_dir=str(manual), skip_invalid=True)
+    assert len(b.as_data_source(split="train")) == 2
+    (bad,) = b.skipped["bad_files"]
+    assert bad.startswith(rel + ": ") and reason in bad
+    # ... unless nothing readable is left: then it is an error that names the damaged file.
+    os.remove(manual / "helpful-base" / "train.jsonl.gz")
+    os.remove(manual / "helpful-base" / "test.jsonl.gz")
+    with pytest.raises(DataError, match=f"no valid records found.*{rel}"):
+        builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "d3"),
+                         manual_dir=str(manual), skip_invalid=True)
+
+
+def test_damaged_tldr_file_is_named(tmp_path):
+    write_tldr(str(tmp_path / "manual"), [tldr()])
+    (tmp_path / "manual" / "comparisons" / "batch4.json.gz").write_bytes(b"\x1f\x8b\x08junk")
+    with pytest.raises(DataError, match=r"^comparisons/batch4.json.gz: cannot be read"):
+        builders.prepare(builders.TldrComparisons, data_dir=str(tmp_path / "d1"),
+                         manual_dir=str(tmp_path / "manual"))
+    b = builders.prepare(builders.TldrComparisons, data_dir=str(tmp_path / "d2"),
+                         manual_dir=str(tmp_path / "manual"), skip_invalid=True)
+    assert len(b.as_data_source(split="train")) == 1
+    assert b.skipped["bad_files"][0].startswith("comparisons/batch4.json.gz: cannot be read")
+
+
+def _imdb_archive_bytes(tmp_path):
+    write_imdb_archive(str(tmp_path / "good"))
+    return (tmp_path / "good" / "aclImdb_v1.tar.gz").read_bytes()
+
+
+@pytest.mark.parametrize("case", ["truncated", "html", "corrupt"])
+def test_damaged_imdb_archive_is_named(tmp_path, case):
+    good = _imdb_archive_bytes(tmp_path)
+    content = {"truncated": good[:len(good) // 2], "html": HTML_PAGE,
+               "corrupt": _corrupt_body(good)}[case]
+    (tmp_path / "manual").mkdir()
+    (tmp_path / "manual" / "aclImdb_v1.tar.gz").write_bytes(content)
+    with pytest.raises(DataError) as err:
+        builders.prepare(builders.ImdbPrompts, data_dir=str(tmp_path / "d1"), config="archive",
+                         manual_dir=str(tmp_path / "manual"))
+    msg = str(err.value)
+    assert msg.startswith("aclImdb_v1.tar.gz: cannot be read") and "\n" not in msg
+    if case == "html":
+        assert "HTML page" in msg
+    # skip_invalid leaves the archive out, and then nothing is left: still an error, naming it.
+    with pytest.raises(DataError, match="no valid records found.*aclImdb_v1.tar.gz"):
+        builders.prepare(builders.ImdbPrompts, data_dir=str(tmp_path / "d2"), config="archive",
+                         manual_dir=str(tmp_path / "manual"), skip_invalid=True)
+
+
+def test_compressed_files_are_read_and_other_files_listed(tmp_path):
+    """.bz2 and .xz are read like .gz; files the builder does not read are listed in
+    `skipped["ignored_files"]`, not passed over in silence (hidden files are not data)."""
+    manual = tmp_path / "manual"
+    write_hh(str(manual), HH_GOOD[:1])
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in HH_GOOD[1:])
+    (manual / "harmless-base").mkdir()
+    (manual / "harmless-base" / "train.jsonl.bz2").write_bytes(bz2.compress(lines))
+    (manual / "harmless-base" / "test.jsonl.xz").write_bytes(lzma.compress(lines))
+    (manual / "harmless-base" / "train.parquet").write_bytes(b"PAR1")
+    (manual / "README.md").write_text("HH-RLHF")
+    (manual / ".git").mkdir()
+    (manual / ".git" / "HEAD").write_text("ref: refs/heads/main")
+    b = builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "data"),
+                         manual_dir=str(manual))
+    src = b.as_data_source()
+    assert (len(src["train"]), len(src["test"])) == (2, 2)
+    assert {text(src["train"][i]["source"]) for i in range(2)} == {
+        os.path.join("helpful-base", "train.jsonl.gz"),
+        os.path.join("harmless-base", "train.jsonl.bz2")}
+    assert b.skipped["ignored_files"] == ["README.md",
+                                          os.path.join("harmless-base", "train.parquet")]
+    assert b.skipped["ignored_files_count"] == 2 and b.skipped["bad_files"] == []
+
+
+def test_imdb_lists_files_it_does_not_read(tmp_path):
+    write_imdb_archive(str(tmp_path / "manual"))
+    (tmp_path / "manual" / "notes.txt").write_text("mine")
+    b = builders.prepare(builders.ImdbPrompts, data_dir=str(tmp_path / "data"),
+                         config="archive", manual_dir=str(tmp_path / "manual"))
+    assert b.skipped["ignored_files"] == ["notes.txt", "aclImdb_v1.tar.gz:aclImdb/README"]
+
+
+def test_missing_manual_dir_is_named(tmp_path):
+    with pytest.raises(DataError) as err:
+        builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "data"),
+                         manual_dir=str(tmp_path / "nowhere"))
+    msg = str(err.value)
+    assert msg.startswith(str(tmp_path / "nowhere") + ": no raw files here")
+    assert "\n" not in msg and "manual_dir=" in msg
+
+
+def test_unknown_builder_name_lists_the_names(tmp_path):
+    from rlhf_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match=r"unknown dataset builder 'rlhf_hh'; choose one of "
+                                          r"\[.*'rlhf_hh_pairs'"):
+        builders.prepare("rlhf_hh", data_dir=str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------
+# What a person reads: one line per prepared dataset, no TFDS chatter
+# ---------------------------------------------------------------------------------------------
+
+def test_prepare_prints_one_line_only_when_it_prepares(tmp_path, capfd, caplog):
+    from tensorflow_datasets.core.utils import tqdm_utils
+    tfds.display_progress_bar(True)
+    try:
+        cfg = builders.SyntheticConfig(name="pairs_quiet", kind="pairs", n_train=30, n_test=4)
+        with caplog.at_level(logging.DEBUG):
+            builders.prepare(builders.SyntheticTestbed, data_dir=str(tmp_path), config=cfg)
+        out, err = capfd.readouterr()
+        assert out == (f"data: prepared rlhf_synthetic/pairs_quiet (train 30, test 4) in "
+                       f"{tmp_path}\n")
+        assert err == ""       # no progress bars, no "Shuffling .../incomplete..." lines
+        assert not [r for r in caplog.records if "tensorflow_datasets" in r.pathname]
+        assert tqdm_utils._active is True   # the caller's progress-bar setting is restored
+        builders.prepare(builders.SyntheticTestbed, data_dir=str(tmp_path), config=cfg)
+        assert capfd.readouterr() == ("", "")   # already prepared: nothing to say
+    finally:
+        tfds.display_progress_bar(False)
+
+
+def test_prepared_line_reports_what_was_skipped(tmp_path, capfd):
+    write_hh(str(tmp_path / "manual"), HH_GOOD + [BAD_HH[0][1]])
+    (tmp_path / "manual" / "README.md").write_text("HH-RLHF")
+    builders.prepare(builders.HhRlhfPairs, data_dir=str(tmp_path / "data"),
+                     manual_dir=str(tmp_path / "manual"), skip_invalid=True)
+    out = capfd.readouterr().out
+    assert out == (f"data: prepared rlhf_hh_pairs (train 2, test 1) in {tmp_path / 'data'}; "
+                   "1 bad record skipped, 1 file not read (see builder.skipped)\n")
+
+
+def test_stage_data_source_names_what_it_cannot_read(tmp_path):
+    import ml_collections
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.trainers import common
+    builders.prepare(builders.SyntheticTestbed, data_dir=str(tmp_path),
+                     config=builders.SyntheticConfig(name="p", kind="pairs", n_train=5, n_test=2))
+    data = ml_collections.ConfigDict(dict(source="tfds", data_dir=str(tmp_path),
+                                          name="rlhf_hh_pairs"))
+    for name, split, why in (("rlhf_hh_pairs", "train", "has not been generated"),
+                             ("no_such_set", "train", "Dataset no_such_set not found"),
+                             ("rlhf_synthetic/p", "valid", "Unknown split 'valid'")):
+        data.name = name
+        with pytest.raises(ConfigError) as err:
+            common.data_source(data, "pairs", split, tmp_path)
+        msg = str(err.value)
+        assert msg.startswith(f"data.name={name!r} (split {split!r}) cannot be read") and why in msg
+        assert "datasets prepared there: ['rlhf_synthetic']" in msg and "\n" not in msg
+    data.source = "hf"
+    with pytest.raises(ConfigError, match="data.source='hf' is invalid"):
+        common.data_source(data, "pairs", "train", tmp_path)

@@ -7,6 +7,7 @@ import pytest
 import sentencepiece as spm
 
 from rlhf_jax.data import tokenizer as tokenizer_lib
+from rlhf_jax.data.records import DataError
 
 CORPUS = [
     "the quick brown fox jumps over the lazy dog",
@@ -155,3 +156,33 @@ def test_chat_mask_last_assistant_turn_only(tok):
 def test_chat_rejects_unknown_role(tok):
     with pytest.raises(ValueError, match="unknown chat role"):
         tok.encode_chat([{"role": "robot", "content": "x"}])
+
+
+@pytest.mark.parametrize("case,reason", [
+    ("missing", "cannot be read (No such file or directory)"),
+    ("directory", "cannot be read (Is a directory)"),
+    ("empty", "not a SentencePiece model (no bytes)"),
+    ("text", "not a SentencePiece model"),
+    ("html", "not a SentencePiece model"),
+])
+def test_load_names_the_path_it_could_not_use(tmp_path, case, reason):
+    path = tmp_path / "tokenizer.model"
+    if case == "directory":
+        path.mkdir()
+    elif case == "empty":
+        path.write_bytes(b"")
+    elif case == "text":
+        path.write_text("this is a vocabulary list, not a model\n")
+    elif case == "html":
+        path.write_bytes(b"<!DOCTYPE html><html>404</html>")
+    with pytest.raises(DataError) as err:
+        tokenizer_lib.Tokenizer.load(str(path))
+    msg = str(err.value)
+    assert msg.startswith(f"{path}: {reason}") and "\n" not in msg
+    assert ".model" in msg.split("; ", 1)[1]     # and says what to point at instead
+
+
+def test_from_proto_refuses_bytes_that_are_no_model(tok):
+    with pytest.raises(DataError, match="^serialized tokenizer: not a SentencePiece model"):
+        tokenizer_lib.Tokenizer.from_proto(b"\x00garbage")
+    assert tokenizer_lib.Tokenizer.from_proto(tok.serialized()).vocab_size == tok.vocab_size

@@ -9,7 +9,7 @@
 - `builders`: TFDS builders written as array_record and read TF-free (`prepare`,
   `SyntheticTestbed`, `HhRlhfPairs`, `TldrComparisons`, `ImdbPrompts`). See docs/data.md.
 - `batching`: fixed-shape Grain batches with a JSON-able iterator state (`make_iterator`).
-- `records`: `DataError` and the bad-record policy.
+- `records`: `DataError` and the bad-record and bad-file policy.
 
 Submodules load on first use, so importing the package does not import TFDS or JAX.
 """

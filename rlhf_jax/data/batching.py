@@ -39,7 +39,8 @@ skipped=1, so shapes and the iterator position stay as they were and the count i
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Sequence
+import numbers
+from typing import Any, Callable, Mapping, Sequence
 
 import grain
 import numpy as np
@@ -47,12 +48,26 @@ import numpy as np
 from rlhf_jax.data import records
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.data.records import DataError
+from rlhf_jax.errors import CheckpointError, ConfigError
 
 KINDS = ("sft", "prompts", "pairs", "chat")
+CHAT_LOSS_ON = ("all_assistant", "last_assistant")
+FIX_RECORD = "fix the record in the source"
+
+
+def _is_int(value) -> bool:
+    """An integer that is not a bool (True is an int to Python, never a size here)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 class OverlongError(DataError):
     """An example longer than the limits, with `overlong="error"`."""
+
+    FIX = ("raise the largest bucket or max_prompt_len, or set overlong='truncate' or 'skip' "
+           "(see docs/data.md)")
+
+    def __init__(self, *, fix: str | None = None, **where_and_reason):
+        super().__init__(fix=fix or self.FIX, **where_and_reason)
 
 
 DEFAULT_FIELDS = {
@@ -82,18 +97,33 @@ class BatchConfig:
     prefetch: int = 2
 
     def __post_init__(self):
-        if self.batch_size <= 0:
-            raise ValueError(f"batch_size={self.batch_size} must be positive")
-        if not self.buckets or list(self.buckets) != sorted(self.buckets):
-            raise ValueError(f"buckets={self.buckets} must be a non-empty increasing tuple")
-        if not 0 < self.max_prompt_len < max(self.buckets):
-            raise ValueError(f"max_prompt_len={self.max_prompt_len} must be in "
-                             f"(0, max(buckets)={max(self.buckets)}) to leave room for a response")
-        if self.prefetch < 0:
-            raise ValueError(f"prefetch={self.prefetch} must be >= 0")
+        def bad(field, fix):
+            raise ConfigError(f"batching: {field}={getattr(self, field)!r} is invalid; {fix}")
+
+        if not _is_int(self.batch_size) or self.batch_size < 1:
+            bad("batch_size", "use an integer >= 1")
+        buckets = self.buckets
+        if (not isinstance(buckets, (tuple, list)) or not buckets
+                or not all(_is_int(b) and b >= 1 for b in buckets)
+                or any(a > b for a, b in zip(buckets, buckets[1:]))):
+            bad("buckets", "use a non-empty sorted tuple of positive integers, e.g. (64, 128)")
+        # A list from a config file is fine; stored as a tuple so the config stays hashable.
+        object.__setattr__(self, "buckets", tuple(int(b) for b in buckets))
+        if not _is_int(self.max_prompt_len) or not 0 < self.max_prompt_len < self.max_len:
+            bad("max_prompt_len", f"use an integer in [1, max(buckets)={self.max_len}) to "
+                                  f"leave room for a response")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2 ** 32:
+            bad("seed", "use an integer in [0, 2**32)")
+        for flag in ("shuffle", "drop_remainder"):
+            if not isinstance(getattr(self, flag), bool):
+                bad(flag, "use True or False")
+        if self.num_epochs is not None and (not _is_int(self.num_epochs)
+                                            or self.num_epochs < 1):
+            bad("num_epochs", "use an integer >= 1, or None to repeat forever")
+        if not _is_int(self.prefetch) or self.prefetch < 0:
+            bad("prefetch", "use an integer >= 0 (0 reads in the caller's thread)")
         if self.overlong not in ("truncate", "error", "skip"):
-            raise ValueError(f"overlong={self.overlong!r}; expected 'truncate', 'error' or "
-                             f"'skip'")
+            bad("overlong", "use 'truncate', 'error' or 'skip'")
 
     @property
     def max_len(self) -> int:
@@ -117,7 +147,7 @@ class TextEncoder:
     def __init__(self, tokenizer: tokenizer_lib.Tokenizer, *, format: str = "plain",
                  chat: tokenizer_lib.ChatFormat = tokenizer_lib.DEFAULT_CHAT):
         if format not in ("plain", "chat"):
-            raise ValueError(f"format={format!r}; expected 'plain' or 'chat'")
+            raise ConfigError(f"batching: format={format!r} is invalid; use 'plain' or 'chat'")
         self.tok, self.format, self.chat = tokenizer, format, chat
 
     def prompt(self, text: str) -> list[int]:
@@ -152,37 +182,79 @@ def truncate(prompt: Sequence[int], response: Sequence[int], *, max_prompt_len: 
 
 
 def as_text(value: Any, *, name: str, index: int, field: str) -> str:
+    """A text field (str, or UTF-8 bytes as TFDS returns them) as str, else a DataError."""
+    if value is None:
+        raise DataError(file=name, index=index, field=field, reason="missing (null)",
+                        fix=FIX_RECORD)
     if isinstance(value, bytes):
         try:
             value = value.decode("utf-8")
         except UnicodeDecodeError:
             raise DataError(file=name, index=index, field=field,
-                            reason="undecodable text (invalid UTF-8)") from None
+                            reason="undecodable text (invalid UTF-8)", fix=FIX_RECORD) from None
     if not isinstance(value, str):
         raise DataError(file=name, index=index, field=field,
-                        reason=f"expected text, got {type(value).__name__}")
+                        reason=f"expected text, got {type(value).__name__}", fix=FIX_RECORD)
     return value
 
 
 def _messages(value: Any, *, name: str, index: int, field: str) -> list[dict]:
     """A conversation as a list of {"role", "content"} dicts, a TFDS Sequence of such dicts
     (a dict of lists), or HH-style text."""
+    def fail(where, reason):
+        raise DataError(file=name, index=index, field=where, reason=reason, fix=FIX_RECORD)
+
     if isinstance(value, (str, bytes)):
         return records.hh_to_messages(as_text(value, name=name, index=index, field=field))
-    if isinstance(value, dict):
+    if isinstance(value, Mapping):
+        # The TFDS Sequence form: {"role": [...], "content": [...]}, one entry per turn.
+        for key in ("role", "content"):
+            if key not in value:
+                fail(f"{field}.{key}", "missing")
+            if not isinstance(value[key], (list, tuple, np.ndarray)):
+                fail(f"{field}.{key}", f"expected a list, got {type(value[key]).__name__}")
+        if len(value["role"]) != len(value["content"]):
+            fail(field, f"{len(value['role'])} roles but {len(value['content'])} contents")
         value = [dict(role=r, content=c) for r, c in zip(value["role"], value["content"])]
+    if not isinstance(value, (list, tuple, np.ndarray)):
+        fail(field, f"expected a list of {{role, content}} messages or HH text, got "
+                    f"{type(value).__name__}")
     out = []
     for i, m in enumerate(value):
         where = f"{field}[{i}]"
-        role = as_text(m.get("role"), name=name, index=index, field=f"{where}.role")
+        if not isinstance(m, Mapping):
+            fail(where, f"expected a {{role, content}} message, got {type(m).__name__}")
+        for key in ("role", "content"):
+            if key not in m:
+                fail(f"{where}.{key}", "missing")
+        role = as_text(m["role"], name=name, index=index, field=f"{where}.role")
         if role not in ("system", "user", "assistant"):
-            raise DataError(file=name, index=index, field=f"{where}.role",
-                            reason=f"unknown role {role!r}")
-        out.append(dict(role=role, content=as_text(m.get("content"), name=name, index=index,
+            fail(f"{where}.role", f"unknown role {records.short(role)}; expected system, user "
+                                  f"or assistant")
+        out.append(dict(role=role, content=as_text(m["content"], name=name, index=index,
                                                     field=f"{where}.content")))
     if not any(m["role"] == "assistant" for m in out):
-        raise DataError(file=name, index=index, field=field, reason="no assistant turn")
+        fail(field, "no assistant turn")
     return out
+
+
+def _number(record: Mapping, key: str, *, name: str, index: int) -> np.float32:
+    """A finite numeric field (an `extra_fields` entry) as float32, else a DataError."""
+    def fail(reason):
+        raise DataError(file=name, index=index, field=key, reason=reason,
+                        fix=f"{FIX_RECORD}, or leave {key!r} out of extra_fields")
+
+    if key not in record:
+        fail("missing")
+    value = record[key]
+    arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+    if arr is None or arr.dtype.kind not in "biuf" or arr.size != 1:
+        fail(f"expected a number, got {records.short(value)}")
+    number = np.float32(arr.reshape(()))
+    if not np.isfinite(number):
+        # A NaN reward or label would turn every loss it touches into NaN, steps later.
+        fail(f"not a finite number ({records.short(value)})")
+    return number
 
 
 def _encode_chat_record(index: int, record: dict, *, fields: dict, enc: TextEncoder,
@@ -193,7 +265,7 @@ def _encode_chat_record(index: int, record: dict, *, fields: dict, enc: TextEnco
     split unchanged."""
     key = fields["messages"]
     if key not in record:
-        raise DataError(file=name, index=index, field=key, reason="missing")
+        raise DataError(file=name, index=index, field=key, reason="missing", fix=FIX_RECORD)
     messages = _messages(record[key], name=name, index=index, field=key)
     ids, mask = enc.tok.encode_chat(messages, loss_on=loss_on, chat=enc.chat)
     ids, mask = ids.tolist() + [enc.tok.eos_id], mask.tolist() + [mask[-1]]
@@ -214,6 +286,10 @@ def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: Te
                    config: BatchConfig, name: str, extra_fields: Sequence[str],
                    chat_loss_on: str = "all_assistant") -> dict:
     """One source record -> {"prompt": ids, ("completion" | "chosen"/"rejected"): ids, ...}."""
+    if not isinstance(record, Mapping):
+        raise DataError(file=name, index=index, field="<record>",
+                        reason=f"expected a record (a dict of fields), got "
+                               f"{type(record).__name__}", fix=FIX_RECORD)
     if kind == "chat":
         return _encode_chat_record(index, record, fields=fields, enc=enc, config=config,
                                    name=name, loss_on=chat_loss_on)
@@ -221,7 +297,8 @@ def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: Te
     def get(role):
         key = fields[role]
         if key not in record:
-            raise DataError(file=name, index=index, field=key, reason="missing")
+            raise DataError(file=name, index=index, field=key, reason="missing",
+                            fix=FIX_RECORD)
         return as_text(record[key], name=name, index=index, field=key)
 
     prompt = enc.prompt(get("prompt"))
@@ -247,7 +324,7 @@ def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: Te
         out["truncated"] = int(out.get("truncated", 0) or cut)
     out["prompt"] = p
     for key in extra_fields:
-        out[key] = np.float32(record[key])
+        out[key] = _number(record, key, name=name, index=index)
     return out
 
 
@@ -331,14 +408,16 @@ class BatchIterator:
 
     The state is {"next_batch": int, "fingerprint": {...}}; restoring into an iterator built with
     a different seed, batch size, kind or source length is refused with what differs.
+    num_batches: the number of batches when finite (num_epochs set), else None.
     """
 
     def __init__(self, dataset: grain.MapDataset, *, fingerprint: dict, num_examples: int,
-                 batch_size: int, prefetch: int = 2):
+                 batch_size: int, prefetch: int = 2, num_batches: int | None = None):
         self._it = iter(dataset.to_iter_dataset(grain.ReadOptions(
             num_threads=1 if prefetch else 0, prefetch_buffer_size=prefetch)))
         self.fingerprint = fingerprint
         self.num_examples, self.batch_size = num_examples, batch_size
+        self.num_batches = num_batches
 
     def __iter__(self):
         return self
@@ -352,13 +431,29 @@ class BatchIterator:
                 "fingerprint": dict(self.fingerprint)}
 
     def set_state(self, state: dict) -> None:
-        """Continues from a `get_state()` result, after checking the fingerprint."""
-        theirs = state.get("fingerprint", {})
+        """Continues from a `get_state()` result, after checking it.
+
+        A state that is not what `get_state()` returns is a CheckpointError (a damaged or
+        foreign checkpoint); one saved with a different pipeline (fingerprint) is a ConfigError
+        that lists the settings that differ.
+        """
+        if (not isinstance(state, Mapping) or not isinstance(state.get("fingerprint"), Mapping)
+                or not _is_int(state.get("next_batch")) or state["next_batch"] < 0):
+            raise CheckpointError(
+                f"data iterator state {records.short(state)} is not a saved position (expected "
+                "{'next_batch': int >= 0, 'fingerprint': {...}} from get_state()); resume from "
+                "a checkpoint written by this version, or start afresh in a new workdir")
+        theirs = state["fingerprint"]
         diff = {k: (theirs.get(k), v) for k, v in self.fingerprint.items() if theirs.get(k) != v}
         if diff:
-            raise ValueError(f"iterator state was saved with a different pipeline "
-                             f"(saved, current): {diff}; restore it into an iterator built with "
-                             "the saved settings, or start a fresh run (a new workdir)")
+            raise ConfigError(f"data iterator state was saved with a different pipeline "
+                              f"(saved, current): {diff}; restore it with the saved data and "
+                              "batch settings, or start afresh in a new workdir")
+        if self.num_batches is not None and state["next_batch"] > self.num_batches:
+            raise CheckpointError(
+                f"data iterator state next_batch={state['next_batch']} is past the end of this "
+                f"pipeline ({self.num_batches} batches); resume from a checkpoint of this run, "
+                "or start afresh in a new workdir")
         self._it.set_state({"next_index": int(state["next_batch"])})
 
     @property
@@ -381,12 +476,21 @@ def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.Tokenizer,
     name: used in error messages (e.g. "rlhf_hh_pairs/train").
     """
     if kind not in KINDS:
-        raise ValueError(f"kind={kind!r}; expected one of {KINDS}")
+        raise ConfigError(f"batching: kind={kind!r} is invalid; use one of {KINDS}")
+    if chat_loss_on not in CHAT_LOSS_ON:
+        raise ConfigError(f"batching: chat_loss_on={chat_loss_on!r} is invalid; use one of "
+                          f"{CHAT_LOSS_ON}")
+    unknown = sorted(set(fields or {}) - set(DEFAULT_FIELDS[kind]))
+    if unknown:
+        raise ConfigError(f"batching: fields {unknown} are not roles of kind={kind!r}; use "
+                          f"{sorted(DEFAULT_FIELDS[kind])}")
     fields = {**DEFAULT_FIELDS[kind], **(fields or {})}
     enc = encoder or TextEncoder(tokenizer, format=format)
     n = len(source)
     if n == 0:
-        raise ValueError(f"{name} is empty")
+        raise DataError(file=name, reason="has no records",
+                        fix="prepare the dataset with records in this split, or pick another "
+                            "split")
 
     def encode(index, record):
         try:
@@ -433,4 +537,5 @@ def index_batches(source, *, kind: str, config: BatchConfig,
     fingerprint = dict(kind=kind, num_examples=n, batch_size=config.batch_size,
                        seed=config.seed, shuffle=config.shuffle, buckets=list(config.buckets))
     return BatchIterator(ds.map(fetch), fingerprint=fingerprint, num_examples=n,
-                         batch_size=config.batch_size, prefetch=config.prefetch)
+                         batch_size=config.batch_size, prefetch=config.prefetch,
+                         num_batches=None if config.num_epochs is None else len(ds))

@@ -15,16 +15,22 @@ Builders (TFDS names in brackets):
   manual_dir, or from a previously prepared catalog `imdb_reviews` (array_record) in data_dir.
 
 All of them take `skip_invalid` (default False: the first bad record raises a `DataError` naming
-file, record and field) and `max_chars` (text fields longer than this are bad records). What was
-skipped is in `builder.info.metadata["skipped"]` and in `metadata.json` next to the data.
-See docs/data.md.
+file, record and field; so does a file that cannot be read) and `max_chars` (text fields longer
+than this are bad records). What was skipped, and which files were not read, is in
+`builder.info.metadata["skipped"]` and in `metadata.json` next to the data. See docs/data.md.
+
+`prepare` is safe to call from several processes at once on one data_dir (e.g. the processes of
+a multi-host run): one prepares while the others wait, then all read the same files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import fcntl
 import glob
 import inspect
+import logging
 import os
 import re
 import tarfile
@@ -37,6 +43,7 @@ import tensorflow_datasets as tfds
 from rlhf_jax.data import records
 from rlhf_jax.data import synthetic
 from rlhf_jax.data.records import DataError
+from rlhf_jax.errors import ConfigError
 # Re-exported: the HH transcript helpers belong with the HH builder's users.
 from rlhf_jax.data.records import hh_to_messages, split_hh_conversation  # noqa: F401
 
@@ -64,8 +71,44 @@ class _RlhfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.skip_log = records.SkipLog(skip_invalid=skip_invalid)
         super().__init__(file_format=file_format, **kwargs)
 
+    # TFDS prints two bold lines per prepared dataset, with temporary paths and "Unknown size";
+    # `prepare` prints one line of its own instead.
+    def _log_download_bytes(self) -> None:
+        pass
+
+    def _log_download_done(self) -> None:
+        pass
+
     def _features(self) -> dict:
         raise NotImplementedError
+
+    def _manual_root(self, dl_manager) -> str:
+        """The folder of raw files, or a DataError naming it when it is missing or empty."""
+        try:
+            return os.fspath(dl_manager.manual_dir)
+        except AssertionError:
+            # TFDS asserts, with a multi-line message, that the folder exists and is not empty.
+            where = os.fspath(getattr(dl_manager, "_manual_dir", None) or "manual_dir")
+            raise DataError(file=where, reason="no raw files here (missing or empty folder)",
+                            fix=f"place the {self.name} files there (see docs/data.md) or pass "
+                                f"manual_dir=") from None
+
+    def _json_files(self, root: str) -> list[str]:
+        """The JSON-lines files under root (relative paths); every other file is listed in the
+        report as not read, never silently ignored."""
+        paths, others = records.list_files(root, records.JSON_SUFFIXES)
+        for path in others:
+            self.skip_log.ignore(os.path.relpath(path, root))
+        return [os.path.relpath(path, root) for path in paths]
+
+    def _json_lines(self, root: str, rel: str):
+        """(index, record) of one file, read whole first; a file that cannot be read raises,
+        or with skip_invalid is recorded as a bad file and gives nothing."""
+        try:
+            return records.read_jsonl(os.path.join(root, rel), display_name=rel)
+        except DataError as err:
+            self.skip_log.bad_file(err)
+            return []
 
     def _info(self):
         return tfds.core.DatasetInfo(
@@ -82,8 +125,13 @@ class _RlhfBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
         self.info.metadata["skipped"] = self.skip_log.summary()
         rows_by_split = {k: v for k, v in rows_by_split.items() if v}
         if not rows_by_split:
-            raise DataError(file=where, index=None, field="<files>",
-                            reason="no valid records found")
+            notes = [n for n in (self.skip_log.files_note(), self.skip_log.count and
+                                 f"{records.plural(self.skip_log.count, 'bad record')} skipped")
+                     if n]
+            raise DataError(
+                file=where, reason="no valid records found" + (
+                    f" ({'; '.join(notes)})" if notes else ""),
+                fix=f"place readable {self.name} files there (see docs/data.md)")
         return {split: self._generate_examples(rows) for split, rows in rows_by_split.items()}
 
     def _generate_examples(self, rows):
@@ -189,7 +237,8 @@ class HhRlhfPairs(_RlhfBuilder):
     name = "rlhf_hh_pairs"
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     Place the HH-RLHF files (https://github.com/anthropics/hh-rlhf), e.g.
-    helpful-base/train.jsonl.gz and helpful-base/test.jsonl.gz, anywhere under manual_dir.
+    helpful-base/train.jsonl.gz and helpful-base/test.jsonl.gz, anywhere under manual_dir
+    (.jsonl or .json, plain or compressed with gzip, bz2 or xz).
     Files whose name starts with "train" form the train split, "test" the test split.
     """
 
@@ -198,17 +247,16 @@ class HhRlhfPairs(_RlhfBuilder):
         return dict(prompt=text, chosen=text, rejected=text, source=text)
 
     def _split_generators(self, dl_manager):
-        root = os.fspath(dl_manager.manual_dir)
+        root = self._manual_root(dl_manager)
         splits = {"train": [], "test": []}
-        for path in records.find_files(root, (".jsonl", ".jsonl.gz", ".json", ".json.gz")):
-            rel = os.path.relpath(path, root)
-            base = os.path.basename(path)
+        for rel in self._json_files(root):
+            base = os.path.basename(rel)
             split = "train" if base.startswith("train") else (
                 "test" if base.startswith("test") else None)
             if split is None:
                 self.skip_log.filter(f"file {rel} is neither train* nor test*")
                 continue
-            for index, rec in records.read_jsonl(path, display_name=rel):
+            for index, rec in self._json_lines(root, rel):
                 try:
                     row = self._parse(rec, file=rel, index=index)
                 except DataError as err:
@@ -237,9 +285,15 @@ class HhRlhfPairs(_RlhfBuilder):
             raise DataError(file=file, index=index, field="rejected",
                             reason="conversation differs from chosen before the final "
                                    "assistant turn")
+        problem = records.hh_prompt_problem(parts["chosen"][0])
+        if problem is not None:
+            raise DataError(file=file, index=index, field="chosen", reason=problem)
         if parts["chosen"][1] == parts["rejected"][1]:
             raise DataError(file=file, index=index, field="rejected",
                             reason="identical to chosen")
+        if records.same_up_to_whitespace(parts["chosen"][1], parts["rejected"][1]):
+            raise DataError(file=file, index=index, field="rejected",
+                            reason="identical to chosen up to whitespace")
         return dict(prompt=parts["chosen"][0], chosen=parts["chosen"][1],
                     rejected=parts["rejected"][1], source=file)
 
@@ -263,7 +317,8 @@ class TldrComparisons(_RlhfBuilder):
     name = "rlhf_tldr_comparisons"
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
     Place the comparison files of https://github.com/openai/summarize-from-feedback
-    (comparisons/batch*.json, JSON lines) anywhere under manual_dir. Each record's "split"
+    (comparisons/batch*.json, JSON lines; also .jsonl, plain or compressed with gzip, bz2 or
+    xz) anywhere under manual_dir. Each record's "split"
     field (train, valid1, valid2) picks its split; CNN/DM records (info.article, no info.post)
     are left out and counted under "filtered".
     """
@@ -273,11 +328,10 @@ class TldrComparisons(_RlhfBuilder):
         return dict(prompt=text, chosen=text, rejected=text, id=text, source=text)
 
     def _split_generators(self, dl_manager):
-        root = os.fspath(dl_manager.manual_dir)
+        root = self._manual_root(dl_manager)
         splits = {s: [] for s in TLDR_SPLITS}
-        for path in records.find_files(root, (".json", ".jsonl", ".json.gz", ".jsonl.gz")):
-            rel = os.path.relpath(path, root)
-            for index, rec in records.read_jsonl(path, display_name=rel):
+        for rel in self._json_files(root):
+            for index, rec in self._json_lines(root, rel):
                 try:
                     parsed = self._parse(rec, file=rel, index=index)
                 except DataError as err:
@@ -297,9 +351,9 @@ class TldrComparisons(_RlhfBuilder):
             self.skip_log.filter("cnn/dm record (info.article)")
             return None
         split = get("split")
-        if split not in TLDR_SPLITS:
+        if not isinstance(split, str) or split not in TLDR_SPLITS:
             raise DataError(file=file, index=index, field="split",
-                            reason=f"{split!r} is not one of {TLDR_SPLITS}")
+                            reason=f"{records.short(split)} is not one of {TLDR_SPLITS}")
         post = self._text(get("info.post"), file=file, index=index, field="info.post")
         title = self._text(get("info.title"), file=file, index=index, field="info.title")
         sub = self._text(get("info.subreddit"), file=file, index=index,
@@ -307,9 +361,12 @@ class TldrComparisons(_RlhfBuilder):
         summaries = [self._text(get(f"summaries[{i}].text"), file=file, index=index,
                                 field=f"summaries[{i}].text").strip() for i in (0, 1)]
         choice = get("choice")
-        if isinstance(choice, bool) or choice not in (0, 1):
+        # Only the integers 0 and 1, as upstream writes them: a float or a bool label (1.0,
+        # true) comes from some other producer, and guessing what it meant could swap pairs.
+        if type(choice) is not int or choice not in (0, 1):
             raise DataError(file=file, index=index, field="choice",
-                            reason=f"expected 0 or 1, got {choice!r}")
+                            reason=f"expected 0 or 1 (an integer), got {records.short(choice)} "
+                                   f"({type(choice).__name__})")
         if summaries[0] == summaries[1]:
             raise DataError(file=file, index=index, field="summaries[1].text",
                             reason="identical to summaries[0].text")
@@ -363,7 +420,7 @@ class ImdbPrompts(_RlhfBuilder):
         if cfg.source == "catalog":
             reviews, where = self._from_catalog(cfg), "imdb_reviews"
         else:
-            root = os.fspath(dl_manager.manual_dir)
+            root = self._manual_root(dl_manager)
             reviews, where = self._from_archive(root), root
         splits = {"train": [], "test": [], "unsupervised": []}
         for split, ident, file, index, raw, label in reviews:
@@ -389,52 +446,84 @@ class ImdbPrompts(_RlhfBuilder):
         text = re.sub(r"<br\s*/?>", " ", text).strip()
         return self._text(text, file=file, index=index, field="text")
 
-    @staticmethod
-    def _from_archive(root):
-        archive = os.path.join(root, "aclImdb_v1.tar.gz")
+    ARCHIVE = "aclImdb_v1.tar.gz"
+
+    def _from_archive(self, root):
+        """The reviews of the archive in `root`, else of an extracted aclImdb/ under it; every
+        other file is listed as not read."""
+        archive = os.path.join(root, self.ARCHIVE)
         if os.path.exists(archive):
-            with tarfile.open(archive, "r:*") as tar:
-                for member in tar:
-                    m = _IMDB_MEMBER.search(member.name)
-                    if not member.isfile() or not m:
-                        continue
-                    split = _IMDB_SPLIT[(m.group(1), m.group(2))]
-                    raw = tar.extractfile(member).read()
-                    yield (split, member.name, f"aclImdb_v1.tar.gz:{member.name}",
-                           int(m.group(3)), raw, _IMDB_LABEL[m.group(2)])
+            for path in records.list_files(root, ())[1]:
+                if path != archive:
+                    self.skip_log.ignore(os.path.relpath(path, root))
+            try:
+                reviews = self._read_archive(archive)
+            except records.READ_ERRORS as e:
+                # The whole archive is read before any review is used, so a damaged one adds
+                # none, wherever the damage is.
+                self.skip_log.bad_file(records.unreadable(archive, e, name=self.ARCHIVE))
+                reviews = []
+            yield from reviews
             return
-        extracted = sorted(glob.glob(os.path.join(root, "**", "aclImdb", "*", "*", "*.txt"),
-                                     recursive=True))
+        texts, others = records.list_files(root, (".txt",))
+        extracted = [p for p in texts if _IMDB_MEMBER.search(p.replace(os.sep, "/"))]
         if not extracted:
-            raise DataError(file=root, index=None, field="<files>",
-                            reason="neither aclImdb_v1.tar.gz nor an aclImdb/ directory found")
+            raise DataError(file=root, reason=f"neither {self.ARCHIVE} nor an extracted "
+                                              "aclImdb/ directory found",
+                            fix=f"place {self.ARCHIVE} (or its extracted aclImdb/) there, see "
+                                "docs/data.md")
+        for path in sorted(set(texts) - set(extracted)) + others:
+            self.skip_log.ignore(os.path.relpath(path, root))
         for path in extracted:
             m = _IMDB_MEMBER.search(path.replace(os.sep, "/"))
-            if not m:
+            rel = os.path.relpath(path, root)
+            try:
+                with open(path, "rb") as f:
+                    raw = f.read()
+            except OSError as e:
+                self.skip_log.bad_file(records.unreadable(path, e, name=rel))
                 continue
-            with open(path, "rb") as f:
-                raw = f.read()
             ident = "aclImdb/" + path.replace(os.sep, "/").split("aclImdb/", 1)[1]
             yield (_IMDB_SPLIT[(m.group(1), m.group(2))], ident, path, int(m.group(3)), raw,
                    _IMDB_LABEL[m.group(2)])
+
+    def _read_archive(self, archive):
+        reviews = []
+        with tarfile.open(archive, "r:*") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                m = _IMDB_MEMBER.search(member.name)
+                if not m:
+                    self.skip_log.ignore(f"{self.ARCHIVE}:{member.name}")
+                    continue
+                split = _IMDB_SPLIT[(m.group(1), m.group(2))]
+                raw = tar.extractfile(member).read()
+                reviews.append((split, member.name, f"{self.ARCHIVE}:{member.name}",
+                                int(m.group(3)), raw, _IMDB_LABEL[m.group(2)]))
+        return reviews
 
     def _from_catalog(self, cfg):
         base = cfg.catalog_data_dir or os.fspath(self._data_dir_root)
         infos = sorted(glob.glob(os.path.join(base, "imdb_reviews", "*", "*",
                                               "dataset_info.json")))
         if not infos:
-            raise DataError(file=os.path.join(base, "imdb_reviews"), index=None, field="<files>",
-                            reason="no prepared imdb_reviews dataset found")
+            raise DataError(file=os.path.join(base, "imdb_reviews"),
+                            reason="no prepared imdb_reviews dataset found",
+                            fix="prepare imdb_reviews with file_format='array_record' there, "
+                                "set ImdbConfig(catalog_data_dir=...), or use the 'archive' "
+                                "config")
         # The highest version, read straight from its directory: no catalog code, no TF.
         path = max((os.path.dirname(p) for p in infos),
                    key=lambda d: tuple(int(x) for x in os.path.basename(d).split(".")))
         catalog = tfds.builder_from_directory(path)
         fmt = catalog.info.file_format
         if fmt is not None and getattr(fmt, "value", fmt) != "array_record":
-            raise DataError(file=path, index=None, field="<files>",
+            raise DataError(file=path,
                             reason=f"prepared as {getattr(fmt, 'value', fmt)}, which only "
-                                   f"TensorFlow reads; prepare imdb_reviews with "
-                                   f"file_format='array_record' or use the 'archive' config")
+                                   f"TensorFlow reads",
+                            fix="prepare imdb_reviews with file_format='array_record' or use "
+                                "the 'archive' config")
         for split in catalog.info.splits:
             ours = {"train": "train", "test": "test", "unsupervised": "unsupervised"}.get(split)
             if ours is None:
@@ -462,12 +551,92 @@ def prepare(builder: str | type, *, data_dir: str, config=None, manual_dir: str 
     builder: a class above or its TFDS name. config: a config name or config object.
     manual_dir: where the user placed the raw files (HH-RLHF, TL;DR, IMDb archive).
     overwrite: rebuild even if a prepared copy exists (after changing the raw files).
-    Nothing is downloaded.
+    Nothing is downloaded. Prints one line when it prepares a dataset, nothing when the
+    dataset was already prepared. Processes preparing the same data_dir take turns (a file
+    lock), so the first prepares and the others then find the prepared dataset.
     """
-    cls = BUILDERS[builder] if isinstance(builder, str) else builder
-    b = cls(data_dir=data_dir, config=config, skip_invalid=skip_invalid, max_chars=max_chars)
+    if isinstance(builder, str):
+        if builder not in BUILDERS:
+            raise ConfigError(f"unknown dataset builder {builder!r}; choose one of "
+                              f"{sorted(BUILDERS)}")
+        cls = BUILDERS[builder]
+    else:
+        cls = builder
+    data_dir = os.fspath(data_dir)
     mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if overwrite
             else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
-    b.download_and_prepare(download_config=tfds.download.DownloadConfig(
-        manual_dir=manual_dir, download_mode=mode))
+    with _exclusive(data_dir, cls.name), quiet_tfds():
+        # Built under the lock: a builder reads the prepared dataset's info when it is made,
+        # so one made before another process finished preparing would not see it.
+        b = cls(data_dir=data_dir, config=config, skip_invalid=skip_invalid,
+                max_chars=max_chars)
+        fresh = overwrite or not b.is_prepared()
+        b.download_and_prepare(download_config=tfds.download.DownloadConfig(
+            manual_dir=manual_dir, download_mode=mode))
+    if fresh:
+        print(_prepared_line(b, data_dir), flush=True)
     return b
+
+
+def _prepared_line(b, data_dir: str) -> str:
+    """"data: prepared rlhf_synthetic/pairs (train 20000, test 1000) in runs/x/data", plus
+    what was skipped or not read."""
+    name = b.name if b.builder_config is None else f"{b.name}/{b.builder_config.name}"
+    sizes = ", ".join(f"{split} {info.num_examples}" for split, info in b.info.splits.items())
+    line = f"data: prepared {name} ({sizes}) in {data_dir}"
+    skipped = b.skipped
+    notes = []
+    if skipped.get("skipped"):
+        notes.append(f"{records.plural(skipped['skipped'], 'bad record')} skipped")
+    if skipped.get("bad_files"):
+        notes.append(f"{records.plural(len(skipped['bad_files']), 'damaged file')} skipped")
+    if skipped.get("ignored_files_count"):
+        notes.append(f"{records.plural(skipped['ignored_files_count'], 'file')} not read")
+    return line + (f"; {', '.join(notes)} (see builder.skipped)" if notes else "")
+
+
+@contextlib.contextmanager
+def _exclusive(data_dir: str, name: str):
+    """Holds an exclusive lock on `data_dir/.{name}.lock` while preparing `name`.
+
+    Processes that prepare the same dataset in the same data_dir (the processes of a
+    multi-host run sharing a workdir) would otherwise both generate it and race to rename
+    their copy into place. flock needs no jax.distributed, and the kernel releases it when
+    its holder exits or crashes, so no stale lock is ever left behind. One lock per builder
+    (not per config): configs of a builder share the builder's folder, where TFDS also writes
+    a file. Remote data_dirs (gs://...) have no flock; prepare those from one process.
+    """
+    if "://" in data_dir:
+        yield
+        return
+    os.makedirs(data_dir, exist_ok=True)
+    with open(os.path.join(data_dir, f".{name}.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+class _TfdsChatter(logging.Filter):
+    """Drops TFDS's info and warning records ("Using custom data configuration: ..." for every
+    builder config made here, "Reusing dataset ..."); errors still show."""
+
+    def filter(self, record):
+        return record.levelno >= logging.ERROR or "tensorflow_datasets" not in record.pathname
+
+
+@contextlib.contextmanager
+def quiet_tfds():
+    """No TFDS progress bars (they show temporary paths and flash by for small datasets) and
+    no TFDS chatter on the absl logger, while preparing; both are restored afterwards."""
+    from tensorflow_datasets.core.utils import tqdm_utils
+    bars = getattr(tqdm_utils, "_active", True)
+    tfds.display_progress_bar(False)
+    absl_logger, chatter = logging.getLogger("absl"), _TfdsChatter()
+    absl_logger.addFilter(chatter)
+    try:
+        yield
+    finally:
+        absl_logger.removeFilter(chatter)
+        tfds.display_progress_bar(bars)

@@ -22,6 +22,8 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from rlhf_jax.data.records import DataError
+
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 
@@ -73,16 +75,40 @@ class Tokenizer:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_proto(cls, model_proto: bytes, *, pad_id: int | None = None) -> "Tokenizer":
-        """Builds a tokenizer from serialized model bytes (what `serialized()` returns)."""
-        sp = spm.SentencePieceProcessor(model_proto=model_proto)
+    def from_proto(cls, model_proto: bytes, *, pad_id: int | None = None,
+                   name: str = "serialized tokenizer") -> "Tokenizer":
+        """Builds a tokenizer from serialized model bytes (what `serialized()` returns).
+        Bytes that are not a SentencePiece model raise a DataError naming `name`."""
+        def fail(reason):
+            raise DataError(file=name, reason=f"not a SentencePiece model ({reason})",
+                            fix="point at a SentencePiece .model file (e.g. Llama 2's or "
+                                "Gemma's tokenizer.model) or one written by Tokenizer.save")
+
+        # SentencePiece accepts empty bytes as a model with no pieces; nothing encodes with it.
+        if not model_proto:
+            fail("no bytes")
+        try:
+            sp = spm.SentencePieceProcessor(model_proto=model_proto)
+        except RuntimeError:
+            # SentencePiece's own message is a C++ source location, no help to the reader.
+            fail("the bytes do not parse as one")
+        if sp.get_piece_size() == 0:
+            fail("no pieces")
         return cls(sp, bytes(model_proto), pad_id=pad_id)
 
     @classmethod
     def load(cls, path: str, *, pad_id: int | None = None) -> "Tokenizer":
-        """Loads an existing SentencePiece `.model` file (Llama 2, Gemma, or one saved here)."""
-        with open(path, "rb") as f:
-            return cls.from_proto(f.read(), pad_id=pad_id)
+        """Loads an existing SentencePiece `.model` file (Llama 2, Gemma, or one saved here).
+        A path that cannot be read, or a file that is no SentencePiece model, raises a
+        DataError naming the path."""
+        path = str(path)
+        try:
+            with open(path, "rb") as f:
+                proto = f.read()
+        except OSError as e:
+            raise DataError(file=path, reason=f"cannot be read ({e.strerror or e})",
+                            fix="pass the path of a SentencePiece .model file") from None
+        return cls.from_proto(proto, pad_id=pad_id, name=path)
 
     def serialized(self) -> bytes:
         """The model as bytes, to store next to a checkpoint."""
