@@ -14,6 +14,7 @@ import pytest
 
 from rlhf_jax.checkpoint import (CHECKPOINTS, Checkpointer, abstract, complete_steps,
                                  stage_has_checkpoint, tree_equal)
+from rlhf_jax.errors import CheckpointError
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,11 +38,12 @@ def test_round_trip_keys_meta_and_retention(tmp_path):
         got_p, got_t, meta = ckpt.restore(params=abstract(params), train=abstract(train))
         assert tree_equal(got_p, params) and tree_equal(got_t, train)
         assert jax.dtypes.issubdtype(got_t["rng"].dtype, jax.dtypes.prng_key)
+        assert set(meta.pop("checksums")) == {"params", "train", "meta"}
         assert meta == {"data": {"index": 3}, "step": 3}
         only_p, none, meta2 = ckpt.restore(params=abstract(params), step=2)
         assert none is None and tree_equal(only_p, _state(2)[0]) and meta2["step"] == 2
         assert ckpt.restore_meta()["step"] == 3
-        with pytest.raises(FileNotFoundError, match="have \\[2, 3\\]"):
+        with pytest.raises(CheckpointError, match="have \\[2, 3\\]"):
             ckpt.restore(params=abstract(params), step=1)
     assert stage_has_checkpoint(tmp_path / "sft")
     assert not stage_has_checkpoint(tmp_path / "rm")
@@ -74,7 +76,7 @@ def test_probe_then_resume_after_an_interrupted_write(tmp_path):
 
 def test_missing_checkpoint_error_says_what_to_do(tmp_path):
     with Checkpointer(tmp_path / "rm") as ckpt:
-        with pytest.raises(FileNotFoundError, match="run the stage"):
+        with pytest.raises(CheckpointError, match="run the stage"):
             ckpt.restore(params=abstract(_state(0)[0]))
 
 
@@ -137,6 +139,7 @@ def test_resume_after_sigkill_is_bitwise_exact(tmp_path):
     with Checkpointer(tmp_path / "straight") as a, Checkpointer(tmp_path / "killed") as b:
         pa, _, ma = a.restore(params=abstract(like))
         pb, _, mb = b.restore(params=abstract(like))
-    assert ma == mb == {"data_index": 25, "step": 25}
+    assert ma == mb and {k: ma[k] for k in ("data_index", "step")} == {"data_index": 25,
+                                                                        "step": 25}
     assert tree_equal(pa, pb)
     assert not np.allclose(np.asarray(pa["w"]), 0.0)
