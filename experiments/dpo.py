@@ -34,8 +34,14 @@ the reference. Ablations: --config.pref_loss="ipo(tau=1.0)" gained 0.55 std at K
 earlier SFT model); "ipo(tau=0.1)" over-optimises (KL 22, gold reward below SFT).
 """
 
-from rlhf_jax import experiment
+from rlhf_jax import experiment, metrics as metrics_lib
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import preference
+
+SCHEMA = preference.SCHEMA
+# What main prints when the stage ends: first and last logged values.
+SUMMARY_KEYS = ("pref/loss", "eval/pref_accuracy", "eval/gold_agreement", "gold/ref_reward",
+                "gold/reward", "objective/kl")
 
 
 def get_config(size: str = "default"):
@@ -47,13 +53,13 @@ def get_config(size: str = "default"):
         config.optim.warmup_steps = 0  # so that the very first step moves the policy
         config.gen.update(n_prompts=16, batch_size=16, max_new_tokens=8)
     elif size != "default":
-        raise ValueError(f"size={size!r}; choose 'default' or 'smoke'")
+        raise ConfigError(f"size={size!r}; choose 'default' or 'smoke'")
     return config
 
 
 def main(config, workdir):
     stage_dir = preference.train(config, workdir)
-    print(f"{config.stage}: checkpoints and metrics in {stage_dir}")
+    print(metrics_lib.stage_summary(stage_dir, SUMMARY_KEYS, title=config.stage))
     return stage_dir
 
 

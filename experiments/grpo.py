@@ -21,6 +21,8 @@ RM score -0.03 -> 1.07; along the way gold 1.00 / 1.20 / 1.42 at KL 0.53 / 1.35 
 from experiments import ppo
 from rlhf_jax import experiment
 
+SCHEMA = ppo.SCHEMA
+
 
 def get_config(size: str = "default"):
     config = ppo.get_config(size)

@@ -19,8 +19,14 @@ iterations (11 nats by iteration 30, 14 by 40, with gold ~3.4 and longer complet
 steps together with kl.coef. `--config.reward=gold` optimises the gold reward directly (PPO-GT).
 """
 
-from rlhf_jax import experiment
+from rlhf_jax import experiment, metrics as metrics_lib
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import rl
+
+SCHEMA = rl.SCHEMA
+# What main prints when the stage ends: first and last logged values.
+SUMMARY_KEYS = ("eval/gold/reward", "eval/rm/score", "eval/objective/kl", "eval/response/length",
+                "objective/kl_coef")
 
 
 def get_config(size: str = "default"):
@@ -31,13 +37,13 @@ def get_config(size: str = "default"):
         config.rollout.update(prompts_per_step=8, max_new_tokens=16)
         config.update(steps=4, log_every=2, save_every=2, eval_every=2, eval_prompts=16)
     elif size != "default":
-        raise ValueError(f"size={size!r}; choose 'default' or 'smoke'")
+        raise ConfigError(f"size={size!r}; choose 'default' or 'smoke'")
     return config
 
 
 def main(config, workdir):
     stage_dir = rl.train(config, workdir)
-    print(f"{config.stage}: checkpoints and metrics in {stage_dir}")
+    print(metrics_lib.stage_summary(stage_dir, SUMMARY_KEYS, title=config.stage))
     return stage_dir
 
 

@@ -27,8 +27,9 @@ from experiments import dpo as dpo_exp
 from experiments import ppo as ppo_exp
 from experiments import reward as reward_exp
 from experiments import sft as sft_exp
-from rlhf_jax import evaluation, experiment
+from rlhf_jax import evaluation, experiment, schema
 from rlhf_jax.data import batching
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.trainers import common
 from rlhf_jax.trainers import preference as dpo_trainer
@@ -36,9 +37,8 @@ from rlhf_jax.trainers import reward as rm_trainer
 from rlhf_jax.trainers import rl as rl_trainer
 from rlhf_jax.trainers import sft as sft_trainer
 
-# (config key and stage directory, experiment module, trainer module), in pipeline order.
-STAGES = (("sft", sft_exp, sft_trainer), ("rm", reward_exp, rm_trainer),
-          ("ppo", ppo_exp, rl_trainer), ("dpo", dpo_exp, dpo_trainer))
+# (config key and stage directory, trainer module), in pipeline order.
+STAGES = (("sft", sft_trainer), ("rm", rm_trainer), ("ppo", rl_trainer), ("dpo", dpo_trainer))
 
 
 def get_config(size: str = "default"):
@@ -64,12 +64,28 @@ def get_config(size: str = "default"):
     return c
 
 
+SCHEMA = {
+    "size": schema.Str(nonempty=True, doc="'default' or 'smoke' (the tests' size)"),
+    "seed": schema.Int(ge=0, doc="the training seed of every stage"),
+    "sft": sft_exp.SCHEMA, "rm": reward_exp.SCHEMA, "ppo": ppo_exp.SCHEMA, "dpo": dpo_exp.SCHEMA,
+    "eval": {
+        "prompts": schema.Int(ge=1, doc="held-out prompts for SFT, PPO and DPO"),
+        "batch": schema.Int(ge=1, doc="prompts per sampling batch"),
+        "samples": schema.Int(ge=1, doc="samples per prompt for SFT, PPO and DPO"),
+        "best_of_n": schema.Tuple(schema.Int(ge=1), min_len=1, doc="the n of best-of-n"),
+        "best_of_n_prompts": schema.Int(ge=0, doc="prompts for best-of-n; 0 = eval.prompts"),
+        "max_new_tokens": schema.Int(ge=1),
+        "seed": schema.Int(ge=0, doc="evaluation prompts and random numbers (kept fixed)"),
+    },
+}
+
+
 def _stage_configs(config, workdir: Path):
     data_dir = str(workdir / "data")
     out = {}
-    for name, _, _ in STAGES:
+    for name, _ in STAGES:
         if config[name].seed not in (0, config.seed):
-            raise ValueError(f"{name}.seed={config[name].seed} but seed={config.seed}: the "
+            raise ConfigError(f"{name}.seed={config[name].seed} but seed={config.seed}: the "
                              "quickstart gives every stage the one seed; set --config.seed")
         stage = ml_collections.ConfigDict(config[name].to_dict())
         stage.seed = config.seed
@@ -192,13 +208,16 @@ def main(config, workdir):
     stages = _stage_configs(config, workdir)
     # Every stage's config is checked before the first one trains: a typo in a DPO option
     # fails now, not after SFT and the reward model have run.
-    for name, _, trainer in STAGES:
+    for name, trainer in STAGES:
         trainer.validate(stages[name])
     seconds, t0 = {}, time.perf_counter()
-    for name, module, _ in STAGES:
+    for name, trainer in STAGES:
         t = time.perf_counter()
-        module.main(stages[name], workdir)
+        stage_dir = trainer.train(stages[name], workdir)
         seconds[name] = time.perf_counter() - t
+        # One line a stage: the report below has the numbers (`python -m experiments.<stage>`
+        # prints a stage's own summary).
+        print(f"{name}: done in {seconds[name]:.0f} s; checkpoints and metrics in {stage_dir}")
     t = time.perf_counter()
     methods = evaluate(config, workdir)
     seconds["evaluation"] = time.perf_counter() - t

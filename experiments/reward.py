@@ -23,8 +23,14 @@ with the SFT model and the learning rate, so check them after changing either. T
 (after a smoke SFT) takes ~35 s of CPU, mostly compilation.
 """
 
-from rlhf_jax import experiment
+from rlhf_jax import experiment, metrics as metrics_lib
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import reward
+
+SCHEMA = reward.SCHEMA
+# What main prints when the stage ends: first and last logged values.
+SUMMARY_KEYS = ("rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_gold_accuracy",
+                "rm/eval_gold_accuracy_far", "rm/norm_gain", "rm/norm_bias")
 
 
 def get_config(size: str = "default"):
@@ -37,16 +43,13 @@ def get_config(size: str = "default"):
         config.norm.update(n_samples=64, batch_size=64, prompts_n_train=128, prompts_n_test=32)
         config.log_every, config.save_every = 8, 8
     elif size != "default":
-        raise ValueError(f"size={size!r}; choose 'default' or 'smoke'")
+        raise ConfigError(f"size={size!r}; choose 'default' or 'smoke'")
     return config
 
 
 def main(config, workdir):
     stage_dir = reward.train(config, workdir)
-    numbers = reward.results(stage_dir)
-    print(f"rm: checkpoints and metrics in {stage_dir}")
-    for key in sorted(numbers):
-        print(f"  {key} = {numbers[key]:.4g}")
+    print(metrics_lib.stage_summary(stage_dir, SUMMARY_KEYS, title="rm"))
     return stage_dir
 
 

@@ -22,6 +22,8 @@ lr 1e-3 over-optimises the reward model (RM score 2.5, KL 149, gold -15).
 from experiments import ppo
 from rlhf_jax import experiment
 
+SCHEMA = ppo.SCHEMA
+
 
 def get_config(size: str = "default"):
     config = ppo.get_config(size)

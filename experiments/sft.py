@@ -13,8 +13,13 @@ quickstart, building the testbed data included.
 worse (gold accuracy 0.75 / 0.86 on far pairs against 0.79 / 0.91), so the default keeps 600.
 """
 
-from rlhf_jax import experiment
+from rlhf_jax import experiment, metrics as metrics_lib
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import sft
+
+SCHEMA = sft.SCHEMA
+# What main prints when the stage ends: first and last logged values.
+SUMMARY_KEYS = ("sft/loss", "eval/sft_loss")
 
 
 def get_config(size: str = "default"):
@@ -25,13 +30,13 @@ def get_config(size: str = "default"):
         config.data.update(n_train=512, n_test=64, batch_size=16)
         config.steps, config.log_every, config.save_every, config.eval_batches = 24, 4, 8, 1
     elif size != "default":
-        raise ValueError(f"size={size!r}; choose 'default' or 'smoke'")
+        raise ConfigError(f"size={size!r}; choose 'default' or 'smoke'")
     return config
 
 
 def main(config, workdir):
     stage_dir = sft.train(config, workdir)
-    print(f"sft: checkpoints and metrics in {stage_dir}")
+    print(metrics_lib.stage_summary(stage_dir, SUMMARY_KEYS, title="sft"))
     return stage_dir
 
 

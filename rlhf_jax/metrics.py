@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from rlhf_jax.checkpoint import CHECKPOINTS
+
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -128,3 +130,31 @@ def format_postfix(values: Mapping[str, float], keys: Iterable[str] | None = Non
     keys = values.keys() if keys is None else [k for k in keys if k in values]
     return {k: (f"{values[k]:.4g}" if math.isfinite(values[k]) else str(values[k]))
             for k in keys}
+
+
+def stage_summary(stage_dir, keys: Iterable[str], *, title: str) -> str:
+    """What a finished stage prints: each key's first and last logged value, then its files.
+
+        ppo: finished at step 20 in runs/x/ppo
+          eval/gold/reward     0.571 -> 2.21   (steps 5 -> 20)
+          ...
+          checkpoints: runs/x/ppo/checkpoints
+          metrics:     runs/x/ppo/metrics.jsonl (TensorBoard events beside it)
+
+    A key the stage never logged is left out, so one list serves a stage's variants.
+    """
+    stage_dir = Path(stage_dir)
+    rows = read_metrics(stage_dir) if (stage_dir / METRICS_FILE).exists() else []
+    last_step = rows[-1]["step"] if rows else 0
+    lines = [f"{title}: finished at step {last_step} in {stage_dir}"]
+    width = max([len(k) for k in keys] + [0])
+    for key in keys:
+        seen = [(r["step"], r[key]) for r in rows if key in r]
+        if not seen:
+            continue
+        (s0, v0), (s1, v1) = seen[0], seen[-1]
+        change = f"{v1:.4g}" if s0 == s1 else f"{v0:.4g} -> {v1:.4g}   (steps {s0} -> {s1})"
+        lines.append(f"  {key:<{width}}  {change}")
+    lines.append(f"  checkpoints: {stage_dir / CHECKPOINTS}")
+    lines.append(f"  metrics:     {stage_dir / METRICS_FILE} (TensorBoard events beside it)")
+    return "\n".join(lines)

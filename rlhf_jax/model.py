@@ -39,6 +39,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from rlhf_jax.aggregation import last_token_index
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import token_entropy
 
 # The logical axis vocabulary. `sharding.DEFAULT_RULES` maps each to a mesh axis or None.
@@ -104,7 +105,7 @@ class ModelConfig:
             if getattr(self, field) not in _DTYPES:
                 problems.append(f"{field}={getattr(self, field)!r}; choose one of {list(_DTYPES)}")
         if problems:
-            raise ValueError("Invalid ModelConfig: " + "; ".join(problems))
+            raise ConfigError("invalid model config: " + "; ".join(problems))
 
     @property
     def head_dim(self) -> int:
@@ -138,7 +139,7 @@ PRESETS = {
 def get_config(name: str, **overrides) -> ModelConfig:
     """A preset `ModelConfig` by name (see `PRESETS`), with optional field overrides."""
     if name not in PRESETS:
-        raise ValueError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
+        raise ConfigError(f"Unknown model preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name].replace(**overrides) if overrides else PRESETS[name]
 
 

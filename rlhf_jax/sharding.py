@@ -25,6 +25,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
+from rlhf_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -66,21 +68,21 @@ def resolve_mesh_shape(shape: Sequence[int], n_devices: int) -> tuple[int, int, 
     """
     shape = tuple(int(s) for s in shape)
     if len(shape) != len(MESH_AXES):
-        raise ValueError(f"mesh shape {shape} must have {len(MESH_AXES)} entries "
+        raise ConfigError(f"mesh shape {shape} must have {len(MESH_AXES)} entries "
                          f"for axes {MESH_AXES}")
     if shape.count(-1) > 1:
-        raise ValueError(f"mesh shape {shape}: at most one axis may be -1 ('the rest')")
+        raise ConfigError(f"mesh shape {shape}: at most one axis may be -1 ('the rest')")
     if any(s == 0 or s < -1 for s in shape):
-        raise ValueError(f"mesh shape {shape}: sizes must be positive or -1")
+        raise ConfigError(f"mesh shape {shape}: sizes must be positive or -1")
     fixed = math.prod(s for s in shape if s != -1)
     if -1 in shape:
         if n_devices % fixed:
-            raise ValueError(
+            raise ConfigError(
                 f"mesh shape {shape}: the fixed axes use {fixed} devices, which does not divide "
                 f"the {n_devices} available; choose sizes whose product divides {n_devices}")
         shape = tuple(n_devices // fixed if s == -1 else s for s in shape)
     elif fixed != n_devices:
-        raise ValueError(
+        raise ConfigError(
             f"mesh shape {dict(zip(MESH_AXES, shape))} needs {fixed} devices but "
             f"{n_devices} are available; make the product equal {n_devices} or use -1 for "
             "one axis")
@@ -119,7 +121,7 @@ def logical_to_spec(logical_axes, shape, mesh: Mesh, rules: Mapping[str, Any] | 
     if logical_axes is None:
         return PartitionSpec()
     if len(logical_axes) != len(shape):
-        raise ValueError(f"logical axes {logical_axes} do not match shape {shape}")
+        raise ConfigError(f"logical axes {logical_axes} do not match shape {shape}")
     used: set[str] = set()
     spec = []
     for name, size in zip(logical_axes, shape):
@@ -127,7 +129,7 @@ def logical_to_spec(logical_axes, shape, mesh: Mesh, rules: Mapping[str, Any] | 
             spec.append(None)
             continue
         if name not in rules:
-            raise ValueError(f"no sharding rule for logical axis {name!r}; add it to the rules "
+            raise ConfigError(f"no sharding rule for logical axis {name!r}; add it to the rules "
                              f"(known: {sorted(rules)})")
         target = rules[name]
         axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
@@ -140,7 +142,7 @@ def logical_to_spec(logical_axes, shape, mesh: Mesh, rules: Mapping[str, Any] | 
             problem = f"size {size} not divisible by mesh axes {axes} (size {n})"
         if problem:
             if strict:
-                raise ValueError(f"cannot shard logical axis {name!r}: {problem}")
+                raise ConfigError(f"cannot shard logical axis {name!r}: {problem}")
             axes = ()
         used.update(axes)
         spec.append(None if not axes else (axes[0] if len(axes) == 1 else axes))
@@ -213,7 +215,7 @@ def check_batch_size(batch_size: int, mesh: Mesh, rules: Mapping[str, Any] | Non
     n = math.prod(mesh.shape[a] for a in axes)
     if batch_size % n:
         sizes = " * ".join(f"{a}={mesh.shape[a]}" for a in axes)
-        raise ValueError(f"batch size {batch_size} is not divisible by {sizes} = {n}; use a "
+        raise ConfigError(f"batch size {batch_size} is not divisible by {sizes} = {n}; use a "
                          f"multiple of {n} or change the mesh shape")
 
 
@@ -270,7 +272,7 @@ def initialize_distributed(config=None) -> bool:
     if address is None and (num is None or num <= 1):
         return False            # single host
     if address is None or num is None or pid is None:
-        raise ValueError(
+        raise ConfigError(
             "multi-host run needs coordinator_address, num_processes and process_id (config "
             "or JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID); got "
             f"address={address!r}, num_processes={num!r}, process_id={pid!r}. "

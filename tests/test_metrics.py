@@ -6,7 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax.metrics import MetricsWriter, format_postfix, read_metrics, to_host
+from rlhf_jax.metrics import (MetricsWriter, format_postfix, read_metrics, stage_summary,
+                              to_host)
 
 
 def test_jsonl_and_tensorboard(tmp_path):
@@ -46,3 +47,19 @@ def test_bad_metrics_and_bad_lines(tmp_path):
 def test_format_postfix():
     assert format_postfix({"rm/accuracy": 0.123456, "rm/loss": float("inf")}) == {
         "rm/accuracy": "0.1235", "rm/loss": "inf"}
+
+
+def test_stage_summary_shows_first_and_last_values_and_the_paths(tmp_path):
+    with MetricsWriter(tmp_path, tensorboard=False) as w:
+        w.write(5, {"eval/gold/reward": 0.5, "loss": 2.0})
+        w.write(10, {"loss": 1.0})
+        w.write(20, {"eval/gold/reward": 2.25, "loss": 0.5})
+    text = stage_summary(tmp_path, ["eval/gold/reward", "loss", "never/logged"], title="ppo")
+    lines = text.splitlines()
+    assert lines[0] == f"ppo: finished at step 20 in {tmp_path}"
+    assert lines[1].split() == ["eval/gold/reward", "0.5", "->", "2.25", "(steps", "5", "->",
+                                "20)"]
+    assert lines[2].split()[:4] == ["loss", "2", "->", "0.5"]
+    assert "never/logged" not in text
+    assert lines[-2].endswith(str(tmp_path / "checkpoints"))
+    assert str(tmp_path / "metrics.jsonl") in lines[-1]

@@ -196,5 +196,6 @@ def test_an_ablation_is_one_config_string():
     fn = registry.get("pref_loss", config.pref_loss)
     assert fn.func.__name__ == "ipo" and fn.keywords == {"tau": 0.1}
     assert config.init_from == "/runs/x/sft" and config.stage == "dpo"
-    with pytest.raises(ValueError, match="valid keys here"):
+    with pytest.raises(ValueError, match="unknown config key 'pref_los'; did you mean "
+                                         "'pref_loss'"):
         experiment.load_config(dpo_exp.get_config, {"pref_los": "ipo"})

@@ -39,8 +39,12 @@ def test_one_seed_reaches_every_stage_and_a_conflicting_stage_seed_is_refused(tm
 
 
 def test_every_stage_config_is_checked_before_the_first_stage_trains(tmp_path):
-    config = experiment.load_config(quickstart.get_config, {"size": "smoke",
-                                                            "dpo.pref_loss": "bogus"})
+    with pytest.raises(ValueError, match="bogus"):   # refused when the config is read
+        experiment.load_config(quickstart.get_config, {"size": "smoke",
+                                                       "dpo.pref_loss": "bogus"})
+    # A config changed after loading is checked again, every stage before the first trains.
+    config = experiment.load_config(quickstart.get_config, {"size": "smoke"})
+    config.dpo.pref_loss = "bogus"
     with pytest.raises(ValueError, match="bogus"):
         quickstart.main(config, tmp_path)
     assert not (tmp_path / "sft").exists()

@@ -72,7 +72,9 @@ def test_rerunning_a_finished_stage_is_a_no_op(finished, capsys):
         f"--config.data.data_dir={config.data.data_dir}"])
     assert os.path.getmtime(last) == before
     assert len(open(stage / "metrics.jsonl").readlines()) == lines
-    assert "rm/eval_gold_accuracy = " in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert out.startswith(f"rm: finished at step {complete_steps(stage)[-1]} in {stage}\n")
+    assert "\n  rm/eval_gold_accuracy " in out
 
 
 def test_normalisation_gives_mean_0_std_1_on_the_sft_samples_and_folds_into_the_head(finished):
@@ -159,8 +161,8 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(finished, tm
     ({"data.batch_size": "0"}, "batch_size=0"),
 ])
 def test_config_errors_say_what_to_change(tmp_path, override, match):
-    config = _rm_config(tmp_path / "data", **override)
     with pytest.raises(ValueError, match=match):
+        config = _rm_config(tmp_path / "data", **override)
         rm_exp.main(config, tmp_path)
 
 

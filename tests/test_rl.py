@@ -111,7 +111,7 @@ def test_resume_after_sigkill_matches_uninterrupted(sft_workdir):
     # A policy is not a reward model: never score with a randomly initialised head.
     ({"reward": "model", "reward_from": "{sft}"},
      "holds a policy checkpoint, not a reward model; point reward_from at the reward-model"),
-    ({"log_every": 0}, "log_every=0 must be positive"),
+    ({"log_every": 0}, "log_every=0: must be an int >= 1"),
     ({"reward_from": "/some/rm"}, "reward_from is not used with reward='gold'"),
     ({"policy_loss": "reinforce"}, "reinforce' has no importance ratio.*set both to 1"),
     ({"kl.controller": "adaptive", "kl.coef": 0.0}, "start from a positive kl.coef"),

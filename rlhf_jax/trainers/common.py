@@ -16,6 +16,7 @@ import numpy as np
 import optax
 
 from rlhf_jax import checkpoint, model, sharding
+from rlhf_jax.errors import CheckpointError, ConfigError
 from rlhf_jax.data import batching, builders, synthetic
 from rlhf_jax.data import tokenizer as tokenizer_lib
 
@@ -43,18 +44,9 @@ def model_config(config) -> model.ModelConfig:
 
 
 def require(ok: bool, message: str):
-    """Config validation: raise a ValueError that says what to change."""
+    """Config validation: raise a ConfigError that says what to change."""
     if not ok:
-        raise ValueError(message)
-
-
-def check_intervals(config):
-    """The loop settings every stage has: log_every, save_every and keep must be positive;
-    eval_every (where the stage has it) >= 0, 0 turning evaluation off."""
-    for key in ("log_every", "save_every", "keep"):
-        require(config[key] > 0, f"{key}={config[key]} must be positive")
-    if "eval_every" in config:
-        require(config.eval_every >= 0, f"eval_every={config.eval_every} must be >= 0 (0: off)")
+        raise ConfigError(message)
 
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
@@ -147,23 +139,70 @@ def check_same_config(meta: dict, config, stage_dir) -> None:
 
     diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if not free(k) and saved.get(k) != now.get(k)}
-    require(not diff,
+    if diff:
+        raise CheckpointError(
             f"{stage_dir} holds a run with a different config (saved, now): {diff}. To start "
             "afresh use a new --workdir (or --config.stage where the stage has one); to resume "
             "that run, set these values back")
 
 
-def resume(ckpt, params, train: dict, data_iterator, config=None):
-    """(params, train, step) from the stage's latest checkpoint, with `data_iterator` moved to
-    where that run stood; the inputs unchanged and step 0 when there is no checkpoint yet.
-    `params` and `train` give the structure, shapes and shardings to restore onto. With
-    `config`, a checkpoint written under a different config is refused (check_same_config)."""
-    if ckpt.latest_step() is None:
+def _describe_source(source) -> str:
+    if source is None:
+        return "none"
+    return (f"{source['path']} (step {source['step']}, params fingerprint "
+            f"{source.get('params') or 'unknown'})")
+
+
+def _same_source(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    if a.get("params") and b.get("params"):
+        return a["params"] == b["params"]
+    return a["step"] == b["step"]   # a source saved before checksums: the step is all we know
+
+
+def check_same_sources(meta: dict, sources: dict, stage_dir) -> None:
+    """Refuses to continue a stage from other source checkpoints than the ones its run started
+    from (the SFT model that is DPO's reference, the reward model PPO optimises, ...).
+
+    `sources` maps a config key (init_from, reward_from) to what `source_record` gives, or None
+    where the key names nothing. The paths may differ (init_from and reward_from are in
+    RESUMABLE_CHANGES: a workdir may move); the source's parameter fingerprint, recorded when
+    the source was saved, may not. A checkpoint that predates the record is not checked.
+    """
+    recorded = meta.get("sources")
+    if recorded is None:
+        return
+    for key in sorted(set(recorded) | set(sources)):
+        was, now = recorded.get(key), sources.get(key)
+        if not _same_source(was, now):
+            raise CheckpointError(
+                f"{stage_dir} holds a run that started from {key}={_describe_source(was)} but "
+                f"{key} now gives {_describe_source(now)}: another checkpoint. To resume that "
+                f"run point {key} at its checkpoint (the path may change, the parameters may "
+                "not); to start afresh use a new --workdir (or --config.stage where the stage "
+                "has one)")
+
+
+def resume(ckpt, params, train: dict, data_iterator, config=None, sources=None):
+    """(params, train, step) from the stage's newest checkpoint that restores, with
+    `data_iterator` moved to where that run stood; the inputs unchanged and step 0 when there is
+    no checkpoint yet. `params` and `train` give the structure, shapes and shardings to restore
+    onto. With `config`, a checkpoint written under a different config is refused
+    (check_same_config); with `sources`, one whose run started from other source checkpoints
+    (check_same_sources). A damaged step is reported on stderr and the next older one used
+    (`Checkpointer.restore_newest`); if none restores, a CheckpointError says so."""
+    def check(meta):
+        if config is not None:
+            check_same_config(meta, config, ckpt.directory)
+        if sources is not None:
+            check_same_sources(meta, sources, ckpt.directory)
+
+    out = ckpt.restore_newest(params=checkpoint.abstract(params),
+                              train=checkpoint.abstract(train), check=check)
+    if out is None:
         return params, train, 0
-    if config is not None:
-        check_same_config(ckpt.restore_meta(), config, ckpt.directory)
-    params, train, meta = ckpt.restore(params=checkpoint.abstract(params),
-                                       train=checkpoint.abstract(train))
+    params, train, meta = out
     data_iterator.set_state(meta["data_state"])
     return params, train, meta["step"]
 
@@ -204,6 +243,8 @@ def data_source(data, kind: str, split: str, workdir: Path):
     data.source == "synthetic": the testbed's TFDS builder, prepared under
     `data.data_dir` (default workdir/data) with data.n_train / data.n_test / data.seed.
     data.source == "tfds": an already prepared TFDS dataset `data.name` under `data.data_dir`.
+    Every process of a multi-host run may call this at once on a shared workdir:
+    `builders.prepare` lets the first prepare the testbed while the others wait for it.
     """
     if data.source == "synthetic":
         data_dir = data.get("data_dir", "") or str(workdir / "data")
@@ -222,8 +263,24 @@ def data_source(data, kind: str, split: str, workdir: Path):
                 f"data.data_dir={data.get('data_dir', '')!r} does not exist; prepare the "
                 "dataset first (see docs/data.md) and point data.data_dir at it")
         import tensorflow_datasets as tfds
-        return tfds.data_source(data.name, split=split, data_dir=data.data_dir, download=False)
-    raise ValueError(f"data.source={data.source!r}; choose 'synthetic' or 'tfds'")
+        try:
+            with builders.quiet_tfds():
+                return tfds.data_source(data.name, split=split, data_dir=data.data_dir,
+                                        download=False)
+        except (ValueError, KeyError) as e:
+            # A name not prepared there (DatasetNotFoundError, a ValueError, or a KeyError for
+            # a registered builder), or a split it does not have. TFDS's message goes on to
+            # list its whole catalog: keep its first line and list what is prepared instead.
+            text = str(e.args[0]) if e.args else type(e).__name__
+            first = (text.strip().splitlines() or [type(e).__name__])[0].rstrip(".")
+            prepared = sorted(p.name for p in Path(data.data_dir).iterdir()
+                              if p.is_dir() and not p.name.startswith(".")
+                              and p.name != "downloads")
+            raise ConfigError(f"data.name={data.name!r} (split {split!r}) cannot be read from "
+                              f"data.data_dir={data.data_dir!r}: {first}; datasets prepared "
+                              f"there: {prepared}; fix data.name or prepare the dataset "
+                              "first (see docs/data.md)") from None
+    raise ConfigError(f"data.source={data.source!r} is invalid; choose 'synthetic' or 'tfds'")
 
 
 def batch_config(data, *, batch_size: int, seed: int, shuffle: bool = True,
@@ -238,11 +295,38 @@ def batch_config(data, *, batch_size: int, seed: int, shuffle: bool = True,
 # Checkpoint hand-off
 # ---------------------------------------------------------------------------------------------
 
-def stage_meta(*, config, model_cfg: model.ModelConfig, tok, extra: dict | None = None) -> dict:
-    """What a checkpoint carries besides arrays: model config, tokenizer, stage config."""
-    return {"model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer_to_meta(tok),
-            "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
-            **(extra or {})}
+def stage_meta(*, config, model_cfg: model.ModelConfig, tok, extra: dict | None = None,
+               sources: dict | None = None) -> dict:
+    """What a checkpoint carries besides arrays: model config, tokenizer, stage config, and
+    `sources`: the checkpoints the run started from ({config key: source_record or None}),
+    which a resumption must match (check_same_sources)."""
+    out = {"model": dataclasses.asdict(model_cfg), "tokenizer": tokenizer_to_meta(tok),
+           "config": config.to_dict() if hasattr(config, "to_dict") else dict(config),
+           **(extra or {})}
+    if sources is not None:
+        out["sources"] = sources
+    return out
+
+
+def source_record(stage_dir, meta: dict, params=None) -> dict:
+    """What a stage records of a checkpoint it starts from: its path, step and parameter
+    fingerprint (the one saved with it; computed from `params` for a checkpoint older than
+    the checksums)."""
+    fingerprint = meta.get("checksums", {}).get("params")
+    if fingerprint is None and params is not None:
+        fingerprint = checkpoint.fingerprint(params)
+    return {"path": str(Path(stage_dir).absolute()), "step": int(meta["step"]),
+            "params": fingerprint}
+
+
+def stage_source(stage_dir, *, key: str = "init_from") -> dict:
+    """source_record of a stage's latest checkpoint, read from its meta alone (no arrays)."""
+    with checkpoint.Checkpointer(stage_dir) as ckpt:
+        try:
+            meta = ckpt.restore_meta()
+        except CheckpointError as e:
+            raise CheckpointError(f"{key}={str(stage_dir)!r}: {e}") from e
+    return source_record(stage_dir, meta)
 
 
 def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
@@ -254,20 +338,31 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
     initialised head (the reward model and critic start from the SFT model, Ouyang et al. 2022;
     Ziegler et al. 2019); otherwise the checkpoint must hold a `kind` model, so that a reward
     model is never silently replaced by a policy with a random head. `key` is the config key
-    that named `stage_dir`, for the error messages.
+    that named `stage_dir`, for the error messages. `meta["source"]` is the `source_record` of
+    the checkpoint read, for the loading stage's own meta (`stage_meta(sources=...)`).
+
+    The latest checkpoint is read and checked against its checksums; if it is damaged this
+    fails with a CheckpointError naming the step and its path. It does not fall back to an
+    older step as a resumption does: the next stage would silently start from another model
+    than the finished one (for the reward stage, one without its normalisation).
     """
     stage_dir = Path(stage_dir)
     require(checkpoint.stage_has_checkpoint(stage_dir),
             f"{key}={str(stage_dir)!r} holds no complete checkpoint; run the stage that "
             f"writes it first, or point {key} at its directory (e.g. WORKDIR/sft)")
     with checkpoint.Checkpointer(stage_dir) as ckpt:
-        meta = ckpt.restore_meta()
-        saved_cfg = model.ModelConfig(**meta["model"])
-        saved_kind = meta.get("model_kind", "policy")
-        mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
-        graphdef, target = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules,
-                                      seed=seed, abstract_only=True)
-        params, _, _ = ckpt.restore(params=target)
+        try:
+            step = ckpt.latest_step()
+            meta = ckpt.restore_meta(step)
+            saved_cfg = model.ModelConfig(**meta["model"])
+            saved_kind = meta.get("model_kind", "policy")
+            mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+            graphdef, target = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules,
+                                          seed=seed, abstract_only=True)
+            params, _, meta = ckpt.restore(params=target, step=step)
+        except CheckpointError as e:
+            raise CheckpointError(f"{key}={str(stage_dir)!r}: {e}") from e
+    meta["source"] = source_record(stage_dir, meta, params)
     tok = tokenizer_from_meta(meta["tokenizer"])
     if saved_kind == kind:
         return graphdef, params, saved_cfg, tok, meta

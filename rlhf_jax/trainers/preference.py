@@ -37,9 +37,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, evaluation, metrics as metrics_lib, registry
+from rlhf_jax import checkpoint, evaluation, metrics as metrics_lib, registry, schema
 from rlhf_jax.data import batching
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import common, fields
 
 STAGE = "dpo"
 
@@ -191,13 +191,33 @@ def _compiled(graphdef, loss_fn, optimizer, use_ref: bool):
 # The stage
 # ---------------------------------------------------------------------------------------------
 
+SCHEMA = {
+    "size": fields.SIZE, "seed": fields.SEED,
+    "stage": schema.Str(nonempty=True, doc="the stage directory under WORKDIR"),
+    "init_from": schema.Str(doc="the SFT stage directory (policy init and reference); "
+                                "'' = WORKDIR/sft"),
+    "pref_loss": schema.Spec("pref_loss"),
+    "mesh": fields.MESH,
+    "data": fields.data(tau=fields.TAU, flip_rate=fields.FLIP_RATE,
+                        batch_size=fields.BATCH_SIZE),
+    "optim": fields.OPTIM,
+    **fields.loop(),
+    "eval_batches": schema.Int(ge=0, doc="held-out pair batches for the preference eval; "
+                                         "0 = skip"),
+    "gen": {
+        "n_prompts": schema.Int(ge=0, doc="held-out prompts sampled for the gold-reward and "
+                                          "KL eval (testbed only); 0 = skip"),
+        "batch_size": schema.Int(ge=1),
+        "prompt_len": schema.Int(ge=1),
+        "max_new_tokens": schema.Int(ge=1),
+        "temperature": schema.Float(gt=0),
+    },
+}
+
+
 def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
-    common.require(config.steps > 0, f"steps={config.steps} must be positive")
-    common.check_intervals(config)
-    common.require(config.data.source in ("synthetic", "tfds"),
-                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
-    registry.validate("pref_loss", config.pref_loss)   # an unknown name lists the known ones
+    schema.check(config, SCHEMA)
 
 
 def train(config, workdir) -> Path:
@@ -214,11 +234,18 @@ def train(config, workdir) -> Path:
     testbed = common.testbed() if config.data.source == "synthetic" else None
 
     # --- model: policy and frozen reference from the SFT stage -------------------------------
-    graphdef, params, model_cfg, tok, _ = common.load_stage(init_from, mesh=mesh, rules=rules,
-                                                            seed=config.seed)
+    graphdef, params, model_cfg, tok, init_meta = common.load_stage(
+        init_from, mesh=mesh, rules=rules, seed=config.seed)
+    sources = {"init_from": init_meta["source"]}   # the reference: a resumption must match it
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
                    f"max_len is {model_cfg.max_len}; lower the buckets")
+    # Checked now, not when the generation eval starts after training.
+    common.require(not (testbed is not None and config.gen.n_prompts)
+                   or config.gen.prompt_len + config.gen.max_new_tokens <= model_cfg.max_len,
+                   f"gen.prompt_len + gen.max_new_tokens = "
+                   f"{config.gen.prompt_len + config.gen.max_new_tokens} exceeds the SFT "
+                   f"model's max_len {model_cfg.max_len}; lower one of them")
     # The reference is the SFT parameters themselves. The policy gets its own copy, since its
     # buffers are donated to the update step.
     ref_params = params
@@ -243,11 +270,11 @@ def train(config, workdir) -> Path:
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
     params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it,
-                                                config)
+                                                config, sources=sources)
     opt_state = train_state["opt"]
 
     def save(step, force=False):
-        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, sources=sources,
                                  extra={"data_state": train_it.get_state(),
                                         "model_kind": "policy", "init_from": str(init_from)})
         ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
@@ -299,10 +326,6 @@ def train(config, workdir) -> Path:
     # --- eval: generation on held-out prompts (testbed: gold reward and KL) ------------------
     if testbed is not None and config.gen.n_prompts:
         gen = config.gen
-        common.require(gen.prompt_len + gen.max_new_tokens <= model_cfg.max_len,
-                       f"gen.prompt_len + gen.max_new_tokens = "
-                       f"{gen.prompt_len + gen.max_new_tokens} exceeds the model's max_len "
-                       f"{model_cfg.max_len}; lower one of them")
         prompts_data = ml_collections.ConfigDict(config.data.to_dict())
         prompts_data.n_train = prompts_data.n_test = int(gen.n_prompts)
         prompt_cfg = batching.BatchConfig(

@@ -51,9 +51,9 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import checkpoint, metrics as metrics_lib, model, registry, sampling
+from rlhf_jax import checkpoint, metrics as metrics_lib, model, registry, sampling, schema
 from rlhf_jax.data import batching, records
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import common, fields
 
 STAGE = "rm"
 
@@ -87,26 +87,41 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+SCHEMA = {
+    "size": fields.SIZE, "seed": fields.SEED,
+    "init_from": schema.Str(doc="the SFT stage directory; '' = WORKDIR/sft"),
+    "loss": schema.Spec("reward_loss"),
+    "mesh": fields.MESH,
+    "data": fields.data(tau=fields.TAU, flip_rate=fields.FLIP_RATE,
+                        batch_size=fields.BATCH_SIZE),
+    "optim": fields.OPTIM,
+    "epochs": schema.Int(ge=0, doc="passes over the training pairs when steps=0"),
+    **fields.loop(steps_min=0),
+    "norm": {
+        "n_samples": schema.Int(ge=2, doc="SFT samples the reward is normalised on"),
+        "batch_size": schema.Int(ge=1),
+        "temperature": schema.Float(gt=0, doc="sampling temperature of the SFT policy"),
+        "max_new_tokens": schema.Int(ge=0, doc="0 = up to the model's max_len"),
+        "prompts_name": schema.Str(doc="the prepared prompts dataset when data.source='tfds'"),
+        "prompts_n_train": schema.Int(ge=1), "prompts_n_test": schema.Int(ge=1),
+    },
+    "eval_batches": schema.Int(ge=0, doc="held-out pair batches; 0 = the whole test split"),
+}
+
+
 def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
-    common.require(config.data.source in ("synthetic", "tfds"),
-                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
-    registry.validate("reward_loss", config.loss)
+    schema.check(config, SCHEMA)
     common.require(_data_kind(config) == "pairs" or config.data.source == "synthetic",
                    f"loss={config.loss!r} trains on ranked lists, which only the synthetic "
                    "testbed provides here; use data.source='synthetic' or a pairwise loss")
-    common.require(config.steps >= 0, f"steps={config.steps} must be >= 0 (0: derive from epochs)")
-    common.check_intervals(config)
     common.require(config.steps > 0 or config.epochs > 0,
                    f"epochs={config.epochs} must be positive when steps=0")
-    common.require(config.data.batch_size > 0,
-                   f"data.batch_size={config.data.batch_size} must be positive")
-    common.require(config.norm.n_samples > 1 and config.norm.batch_size > 0,
-                   f"norm.n_samples={config.norm.n_samples} must be > 1 and norm.batch_size="
-                   f"{config.norm.batch_size} positive")
-    common.require(config.norm.temperature > 0,
-                   f"norm.temperature={config.norm.temperature} must be positive: the "
-                   "normalisation is over samples of the SFT policy")
+    common.require(config.steps > 0 or config.epochs * config.data.n_train
+                   >= config.data.batch_size,
+                   f"epochs={config.epochs} x data.n_train={config.data.n_train} pairs make no "
+                   f"batch of data.batch_size={config.data.batch_size}; set steps or lower "
+                   "data.batch_size")
 
 
 def _data_kind(config) -> str:
@@ -208,15 +223,21 @@ def train(config, workdir) -> Path:
     mesh, rules = common.setup_mesh(config, config.data.batch_size, config.norm.batch_size)
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
-    meta = ckpt.restore_meta() if ckpt.latest_step() is not None else {}
+    try:
+        meta = ckpt.restore_meta() if ckpt.latest_step() is not None else {}
+    except checkpoint.DamagedCheckpointError:
+        meta = {}   # not finished after all: the resumption below reports it and falls back
     if "normalization" in meta:
         common.check_same_config(meta, config, stage_dir)
+        common.check_same_sources(meta, {"init_from": common.stage_source(init_from)},
+                                  stage_dir)
         ckpt.close()   # a finished stage: its final checkpoint is already normalised
         return stage_dir
 
     # --- model: SFT backbone + fresh scalar head ----------------------------------------------
-    graphdef, params, model_cfg, tok, _ = common.load_stage(
+    graphdef, params, model_cfg, tok, init_meta = common.load_stage(
         init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed, new_head=True)
+    sources = {"init_from": init_meta["source"]}   # a resumption must start from the same SFT
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
                    f"max_len is {model_cfg.max_len}; lower data.buckets")
@@ -263,13 +284,14 @@ def train(config, workdir) -> Path:
     # --- checkpoint: resume -------------------------------------------------------------------
     guard = common.init_guard()
     params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it,
-                                                config)
+                                                config, sources=sources)
     opt_state = train_state["opt"]
 
     def save(step, extra=None, force=False):
-        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, extra={
-            "data_state": train_it.get_state(), "model_kind": "reward",
-            "init_from": str(init_from), **(extra or {})})
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, sources=sources,
+                                 extra={"data_state": train_it.get_state(),
+                                        "model_kind": "reward", "init_from": str(init_from),
+                                        **(extra or {})})
         ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
 
     # --- loop ---------------------------------------------------------------------------------

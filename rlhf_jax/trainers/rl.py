@@ -33,10 +33,11 @@ import numpy as np
 
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry, sampling
+from rlhf_jax import schema
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.aggregation import aggregate
 from rlhf_jax.data import batching, synthetic
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import common, fields
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -76,22 +77,62 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+SCHEMA = {
+    "size": fields.SIZE, "seed": fields.SEED,
+    "stage": schema.Str(nonempty=True, doc="the stage directory under WORKDIR"),
+    "init_from": schema.Str(doc="the SFT stage directory (policy init and reference); "
+                                "'' = WORKDIR/sft"),
+    "reward_from": schema.Str(doc="the reward-model stage directory; '' = WORKDIR/rm"),
+    "reward": schema.Choice("model", "gold", doc="the reward model r_phi, or the testbed's "
+                                                 "gold reward (PPO-GT)"),
+    "mesh": fields.MESH,
+    "data": fields.data(),
+    "rollout": {
+        "prompts_per_step": schema.Int(ge=1, doc="prompts sampled per iteration"),
+        "samples_per_prompt": schema.Int(ge=1, doc="completions per prompt (the group G)"),
+        "max_new_tokens": schema.Int(ge=1, doc="longest completion"),
+        "temperature": schema.Float(gt=0, doc="sampling temperature of the rollouts"),
+    },
+    "advantage": schema.Spec("advantage"),
+    "policy_loss": schema.Spec("policy_loss"),
+    "loss_agg": schema.Spec("loss_agg"),
+    "kl": {
+        "coef": schema.Float(ge=0, doc="KL penalty coefficient (the controller's start)"),
+        "estimator": schema.Spec("kl_estimator"),
+        "in_reward": schema.Bool(doc="KL as a shaped per-token reward (true) or a loss term"),
+        "controller": schema.Spec("kl_controller"),
+    },
+    "value": {
+        "coef": schema.Float(ge=0, doc="weight of the value loss"),
+        "clip_eps": schema.Float(gt=0, optional=True, doc="value clipping range; None = off"),
+    },
+    "ppo": {
+        "epochs": schema.Int(ge=1, doc="passes over each rollout batch"),
+        "minibatches": schema.Int(ge=1, doc="minibatches per pass; must divide the rollout"),
+    },
+    "missing_eos_penalty": schema.Float(ge=0, doc="subtracted from the score of a response "
+                                                  "without EOS"),
+    "reward_clip": schema.Float(ge=0, doc="clip scores to [-c, c]; 0 = off"),
+    "whiten_rewards": schema.Bool(doc="rescale each batch's per-token rewards to unit std"),
+    "whiten_advantages": schema.Bool(doc="normalise advantages per batch"),
+    "entropy_coef": schema.Float(ge=0, doc="entropy bonus weight"),
+    "optim": fields.OPTIM,
+    **fields.loop(eval_every=True),
+    "eval_prompts": schema.Int(ge=1, doc="held-out prompts per evaluation (<= 256 or a "
+                                         "multiple of 256)"),
+}
+
+
 def validate(config) -> int:
     """The checks that need no files or devices (the pipeline runs them all before training).
     Returns the rollout size (prompts_per_step x samples_per_prompt)."""
+    schema.check(config, SCHEMA)
     r = config.rollout
-    common.require(config.reward in ("model", "gold"),
-                   f"reward={config.reward!r}; choose 'model' or 'gold'")
     common.require(config.reward == "model" or not config.reward_from,
                    "reward_from is not used with reward='gold'; leave it empty or set "
                    "reward='model'")
     common.require(config.reward == "model" or config.data.source == "synthetic",
                    "reward='gold' needs the synthetic testbed (data.source='synthetic')")
-    for kind, key in (("advantage", "advantage"), ("policy_loss", "policy_loss"),
-                      ("loss_agg", "loss_agg")):
-        registry.validate(kind, config[key])
-    registry.validate("kl_estimator", config.kl.estimator)
-    registry.validate("kl_controller", config.kl.controller)
     n = r.prompts_per_step * r.samples_per_prompt
     common.require(n % config.ppo.minibatches == 0,
                    f"rollout size {n} (prompts_per_step x samples_per_prompt) is not divisible "
@@ -100,7 +141,12 @@ def validate(config) -> int:
     common.require(not group_based or r.samples_per_prompt >= 2,
                    f"advantage {config.advantage!r} compares samples of the same prompt: set "
                    "rollout.samples_per_prompt >= 2")
-    best_of_n = registry.parse(config.advantage)[0] == "best_of_n"
+    adv_name, adv_args = registry.parse(config.advantage)
+    best_of_n = adv_name == "best_of_n"
+    common.require(not best_of_n or adv_args.get("top", 1) < r.samples_per_prompt,
+                   f"advantage {config.advantage!r} keeps top={adv_args.get('top', 1)} of "
+                   f"rollout.samples_per_prompt={r.samples_per_prompt} samples, which selects "
+                   "nothing: keep fewer than samples_per_prompt")
     common.require(not (best_of_n and config.whiten_advantages),
                    "advantage 'best_of_n' gives selection weights (1 = kept, 0 = dropped), "
                    "which whitening would turn into a baseline: set whiten_advantages=False")
@@ -108,8 +154,6 @@ def validate(config) -> int:
                    "advantage 'best_of_n' keeps the completions with the highest sequence "
                    "return; whitening per-token rewards would rank them partly by length: set "
                    "whiten_rewards=False")
-    common.require(config.reward_clip >= 0,
-                   f"reward_clip={config.reward_clip} must be >= 0 (0 turns clipping off)")
     common.require(registry.parse(config.policy_loss)[0] != "reinforce"
                    or config.ppo.epochs * config.ppo.minibatches == 1,
                    f"policy_loss 'reinforce' has no importance ratio, so each update needs fresh "
@@ -119,14 +163,9 @@ def validate(config) -> int:
     common.require(registry.parse(config.kl.controller)[0] != "adaptive" or config.kl.coef > 0,
                    "kl.controller 'adaptive' scales kl.coef multiplicatively, so from "
                    "kl.coef=0 it stays 0: start from a positive kl.coef")
-    common.require(config.eval_prompts > 0 and (config.eval_prompts <= 256
-                                                or config.eval_prompts % 256 == 0),
+    common.require(config.eval_prompts <= 256 or config.eval_prompts % 256 == 0,
                    f"eval_prompts={config.eval_prompts}: evaluation reads batches of 256 "
-                   "prompts; use a positive number <= 256 or a multiple of 256")
-    common.require(config.steps > 0, f"steps={config.steps} must be positive")
-    common.require(r.temperature > 0, f"rollout.temperature={r.temperature} must be positive: "
-                   "the policy-gradient losses need samples from the policy")
-    common.check_intervals(config)
+                   "prompts; use a number <= 256 or a multiple of 256")
     return n
 
 
@@ -140,7 +179,10 @@ def train(config, workdir) -> Path:
     # --- mesh, models -----------------------------------------------------------------------
     mesh, rules = common.setup_mesh(config, n_rollout, n_rollout // config.ppo.minibatches)
     sft_dir = config.init_from or str(workdir / "sft")
-    graphdef, ref_params, model_cfg, tok, _ = common.load_stage(sft_dir, mesh=mesh, rules=rules)
+    graphdef, ref_params, model_cfg, tok, sft_meta = common.load_stage(sft_dir, mesh=mesh,
+                                                                       rules=rules)
+    # The reference and the reward model: a resumption must start from the same checkpoints.
+    sources = {"init_from": sft_meta["source"], "reward_from": None}
     policy_params = jax.tree.map(jnp.copy, ref_params)
     adv_fn = registry.get("advantage", config.advantage)
     uses_critic = registry.accepts(adv_fn, "values")
@@ -149,6 +191,7 @@ def train(config, workdir) -> Path:
         rm_dir = config.reward_from or str(workdir / "rm")
         reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules,
                                    key="reward_from")
+        sources["reward_from"] = reward[4]["source"]
     if uses_critic:
         # The critic starts from the reward model (Ziegler et al. 2019; Ouyang et al. 2022), or
         # from the SFT policy when optimising the gold reward, with a zero value head, so early
@@ -290,12 +333,12 @@ def train(config, workdir) -> Path:
     policy, train_state, step = common.resume(
         ckpt, params["policy"],
         {"opt": opt_state, "rng": rng, "kl": kl_state, "value": params["value"]}, prompt_it,
-        config)
+        config, sources=sources)
     params = {"policy": policy, "value": train_state["value"]}
     opt_state, rng, kl_state = train_state["opt"], train_state["rng"], train_state["kl"]
 
     def save(step, force=False):
-        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, sources=sources,
                                  extra={"data_state": prompt_it.get_state(),
                                         "model_kind": "policy"})
         # The policy is what later stages and evaluation load; the critic stays in `train`.

@@ -13,11 +13,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from rlhf_jax import checkpoint, metrics as metrics_lib
+from rlhf_jax import checkpoint, metrics as metrics_lib, schema
 from rlhf_jax.aggregation import aggregate
 from rlhf_jax.data import batching
 from rlhf_jax.data import tokenizer as tokenizer_lib
-from rlhf_jax.trainers import common
+from rlhf_jax.trainers import common, fields
 
 STAGE = "sft"
 
@@ -43,12 +43,23 @@ def default_config() -> ml_collections.ConfigDict:
     return c
 
 
+SCHEMA = {
+    "size": fields.SIZE, "seed": fields.SEED,
+    "init_from": schema.Str(doc="a stage directory to start from; '' = random initialisation"),
+    "model": fields.MODEL, "mesh": fields.MESH,
+    "data": fields.data(
+        tokenizer=schema.Str(doc="a sentencepiece .model; '' = the testbed's tokenizer"),
+        batch_size=fields.BATCH_SIZE),
+    "optim": fields.OPTIM,
+    **fields.loop(),
+    "eval_batches": schema.Int(ge=0, doc="held-out batches for eval/sft_loss; 0 = skip"),
+}
+
+
 def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
-    common.require(config.steps > 0, f"steps={config.steps} must be positive")
-    common.check_intervals(config)
-    common.require(config.data.source in ("synthetic", "tfds"),
-                   f"data.source={config.data.source!r}; choose 'synthetic' or 'tfds'")
+    schema.check(config, SCHEMA)
+    common.model_config(config)      # the architecture's own checks (heads divide d_model...)
     common.require(not (config.init_from and config.data.tokenizer),
                    "data.tokenizer is not used with init_from (the checkpoint carries its "
                    "tokenizer); leave one of them empty")
@@ -74,9 +85,11 @@ def train(config, workdir) -> Path:
     mesh, rules = common.setup_mesh(config, config.data.batch_size)
 
     # --- data ------------------------------------------------------------------------------
+    sources = {"init_from": None}   # what the run starts from; a resumption must match it
     if config.init_from:
-        graphdef, params, model_cfg, tok, _ = common.load_stage(
+        graphdef, params, model_cfg, tok, init_meta = common.load_stage(
             config.init_from, mesh=mesh, rules=rules, seed=config.seed)
+        sources["init_from"] = init_meta["source"]
     else:
         tok = load_tokenizer(config, workdir)
         model_cfg = common.model_config(config)
@@ -119,11 +132,11 @@ def train(config, workdir) -> Path:
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
                                    save_interval_steps=config.save_every)
     params, train_state, step = common.resume(ckpt, params, {"opt": opt_state}, train_it,
-                                                config)
+                                                config, sources=sources)
     opt_state = train_state["opt"]
 
     def save(step, force=False):
-        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok,
+        meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, sources=sources,
                                  extra={"data_state": train_it.get_state(),
                                         "model_kind": "policy"})
         ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)

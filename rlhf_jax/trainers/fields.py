@@ -1,0 +1,96 @@
+"""Schema pieces the stages share: seed, model, mesh, optimizer, data and loop settings.
+
+Each trainer builds its `SCHEMA` (see rlhf_jax/schema.py) from these beside its
+`default_config()`, so a field's type, range and meaning are written once, next to where the
+stage gives it a default.
+"""
+
+from rlhf_jax.model import _DTYPES
+from rlhf_jax.schema import Bool, Choice, Dict, Float, Int, Str, Tuple
+
+SIZE = Str(nonempty=True, doc="the experiment's size preset, e.g. 'default' or 'smoke'")
+SEED = Int(ge=0, doc="training seed: initialisation, data order, sampling")
+
+def _mesh_shape_problem(shape) -> str | None:
+    if 0 in shape:
+        return "has a 0; every axis needs at least one device (or -1: the rest)"
+    if tuple(shape).count(-1) > 1:
+        return "has more than one -1; at most one axis takes the remaining devices"
+    return None
+
+
+MESH = {
+    "shape": Tuple(Int(ge=-1), min_len=3, max_len=3, rule=_mesh_shape_problem,
+                   doc="(data, fsdp, tensor) device counts; one -1 takes the remaining devices"),
+    "rules": Dict(doc="logical axis name -> mesh axes, overriding sharding.DEFAULT_RULES"),
+    "distributed": Choice(False, True, "auto",
+                          doc="multi-host: jax.distributed.initialize from the config or "
+                              "JAX_* variables (true), or auto-detected ('auto')"),
+}
+
+OPTIM = {
+    "lr": Float(gt=0, doc="peak learning rate"),
+    "warmup_steps": Int(ge=0, doc="linear warm-up steps from 0 to lr"),
+    "weight_decay": Float(ge=0, doc="AdamW decoupled weight decay"),
+    "grad_clip": Float(ge=0, doc="global-norm gradient clipping; 0 turns it off"),
+    "b1": Float(ge=0, lt=1, doc="Adam first-moment decay"),
+    "b2": Float(ge=0, lt=1, doc="Adam second-moment decay"),
+    "schedule": Choice("cosine", "constant", doc="learning-rate decay after warm-up"),
+    "end_lr_frac": Float(ge=0, le=1, doc="final learning rate of the cosine decay, as a "
+                                         "fraction of lr"),
+}
+
+MODEL = {
+    "vocab_size": Int(ge=0, doc="0 follows the tokenizer"),
+    "d_model": Int(ge=1, doc="model width"),
+    "n_layers": Int(ge=1, doc="transformer blocks"),
+    "n_heads": Int(ge=1, doc="attention heads; must divide d_model"),
+    "n_kv_heads": Int(ge=1, doc="key/value heads (grouped-query attention); must divide n_heads"),
+    "d_ff": Int(ge=1, doc="hidden width of the MLP"),
+    "max_len": Int(ge=2, doc="longest sequence (prompt + completion) in tokens"),
+    "norm": Choice("rmsnorm", "layernorm"),
+    "position": Choice("rope", "learned"),
+    "activation": Choice("swiglu", "gelu"),
+    "tie_embeddings": Bool(doc="share the input embedding and the output projection"),
+    "use_bias": Bool(doc="biases on the projections (GPT-2 style)"),
+    "norm_eps": Float(gt=0),
+    "rope_theta": Float(gt=0),
+    "init_std": Float(gt=0),
+    "param_dtype": Choice(*_DTYPES),
+    "dtype": Choice(*_DTYPES, doc="compute dtype"),
+}
+
+
+def data(**extra) -> dict:
+    """The data group: where records come from, the testbed's size, and how they are batched."""
+    return {
+        "source": Choice("synthetic", "tfds", doc="the built-in testbed, or a prepared TFDS "
+                                                  "dataset (data.name under data.data_dir)"),
+        "name": Str(doc="the TFDS dataset name when source='tfds'"),
+        "data_dir": Str(doc="where datasets are prepared or read; '' = WORKDIR/data"),
+        "n_train": Int(ge=1, doc="testbed training records"),
+        "n_test": Int(ge=1, doc="testbed held-out records (evaluation reads them)"),
+        "seed": Int(ge=0, doc="testbed data seed (kept fixed across training seeds)"),
+        "buckets": Tuple(Int(ge=2), min_len=1, doc="padded sequence lengths a batch can take"),
+        "max_prompt_len": Int(ge=1, doc="prompts are cut to their last max_prompt_len tokens"),
+        **extra,
+    }
+
+
+BATCH_SIZE = Int(ge=1, doc="sequences (or pairs) per step")
+TAU = Float(gt=0, doc="Bradley-Terry temperature of the testbed's preference labels")
+FLIP_RATE = Float(ge=0, le=1, doc="fraction of testbed labels flipped at random")
+
+
+def loop(*, steps_min: int = 1, eval_every: bool = False) -> dict:
+    """steps, logging, checkpoint cadence and evaluation batches."""
+    out = {
+        "steps": Int(ge=steps_min, doc="optimizer steps (iterations for RL)"
+                     + ("; 0 derives them from epochs" if steps_min == 0 else "")),
+        "log_every": Int(ge=1, doc="steps between metric rows"),
+        "save_every": Int(ge=1, doc="steps between checkpoints"),
+        "keep": Int(ge=1, doc="checkpoints kept"),
+    }
+    if eval_every:
+        out["eval_every"] = Int(ge=0, doc="iterations between evaluations; 0 turns them off")
+    return out
