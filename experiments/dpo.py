@@ -59,7 +59,7 @@ def get_config(size: str = "default"):
 
 def main(config, workdir):
     stage_dir = preference.train(config, workdir)
-    print(metrics_lib.stage_summary(stage_dir, SUMMARY_KEYS, title=config.stage))
+    metrics_lib.print_summary(stage_dir, SUMMARY_KEYS, title=config.stage)
     return stage_dir
 
 

@@ -27,7 +27,7 @@ from experiments import dpo as dpo_exp
 from experiments import ppo as ppo_exp
 from experiments import reward as reward_exp
 from experiments import sft as sft_exp
-from rlhf_jax import evaluation, experiment, schema
+from rlhf_jax import checkpoint, evaluation, experiment, schema
 from rlhf_jax.data import batching
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
@@ -92,6 +92,24 @@ def _stage_configs(config, workdir: Path):
         stage.data.data_dir = stage.data.data_dir or data_dir
         out[name] = stage
     return out
+
+
+def check_plan(config, stages) -> None:
+    """What only the pipeline as a whole can get wrong, checked before SFT trains: a stage
+    pointed at a checkpoint that does not exist, an evaluation longer than the model."""
+    for name, stage in stages.items():
+        for key in ("init_from", "reward_from"):
+            path = stage.get(key, "")
+            common.require(not path or checkpoint.stage_has_checkpoint(path),
+                           f"{name}.{key}={path!r} holds no complete checkpoint; leave it empty "
+                           "to use this run's own stage, or point it at a stage directory")
+    if not stages["sft"].init_from:
+        prompt_len = max(stages["ppo"].data.buckets)
+        max_len = stages["sft"].model.max_len
+        common.require(prompt_len + config.eval.max_new_tokens <= max_len,
+                       f"eval.max_new_tokens={config.eval.max_new_tokens} after prompts of up to "
+                       f"{prompt_len} tokens (ppo.data.buckets) exceeds sft.model.max_len="
+                       f"{max_len}; lower eval.max_new_tokens or raise sft.model.max_len")
 
 
 def evaluate(config, workdir: Path) -> dict:
@@ -210,6 +228,7 @@ def main(config, workdir):
     # fails now, not after SFT and the reward model have run.
     for name, trainer in STAGES:
         trainer.validate(stages[name])
+    check_plan(config, stages)
     seconds, t0 = {}, time.perf_counter()
     for name, trainer in STAGES:
         t = time.perf_counter()

@@ -49,7 +49,7 @@ def get_config(size: str = "default"):
 
 def main(config, workdir):
     stage_dir = reward.train(config, workdir)
-    print(metrics_lib.stage_summary(stage_dir, SUMMARY_KEYS, title="rm"))
+    metrics_lib.print_summary(stage_dir, SUMMARY_KEYS, title="rm")
     return stage_dir
 
 

@@ -36,7 +36,7 @@ def get_config(size: str = "default"):
 
 def main(config, workdir):
     stage_dir = sft.train(config, workdir)
-    print(metrics_lib.stage_summary(stage_dir, SUMMARY_KEYS, title="sft"))
+    metrics_lib.print_summary(stage_dir, SUMMARY_KEYS, title="sft")
     return stage_dir
 
 

@@ -151,7 +151,7 @@ def _sequence_advantage(rewards, mask, seq_adv_fn):
 
 @registry.register("advantage", args={
     "scale": schema.Bool(doc="divide by the group std"),
-    "eps": schema.Float(gt=0, doc="added to the group std")})
+    "eps": schema.Float(ge=0, doc="added to the group std")})
 def grpo(*, rewards, mask, group_size, scale=True, eps=1e-6):
     """GRPO: the group-normalised sequence return on every token of the row. [B, T].
 

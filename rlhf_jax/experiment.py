@@ -115,34 +115,56 @@ def unknown_key_message(config, dotted: str) -> str:
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, str],
                     schema: dict | None = None):
-    """Sets dotted keys of `config` from strings; an unknown key fails with the closest ones."""
+    """Sets dotted keys of `config` from strings; an unknown key fails with the closest ones.
+
+    A mapping field (mesh.rules) takes a whole dict, `--config.mesh.rules="{'embed': 'fsdp'}"`,
+    or one entry, `--config.mesh.rules.embed=fsdp`."""
     for dotted, text in overrides.items():
         node = config
         keys = dotted.split(".")
-        for key in keys[:-1]:
+        for i, key in enumerate(keys[:-1]):
             if not _is_group(node) or key not in node or not _is_group(node[key]):
                 raise ConfigError(unknown_key_message(config, dotted))
             node = node[key]
-        last = keys[-1]
-        if last not in node or _is_group(node[last]):
-            raise ConfigError(unknown_key_message(config, dotted))
-        field = schema_lib.lookup(schema, dotted) if schema is not None else None
-        field = field if isinstance(field, schema_lib.Field) else None
-        try:
-            value = _parse_value(text, node[last], field)
-            if field is not None:
-                # The schema, checked next, is the type authority: it allows what the default's
-                # type alone would not (None for an optional field, 'auto' beside booleans).
-                with node.ignore_type():
-                    setattr(node, last, value)
-            else:
-                setattr(node, last, value)
-        except (ValueError, TypeError) as e:
-            why = f"must be {field.describe()}" if field is not None else str(e)
-            if isinstance(e, ValueError) and field is not None and field.kind == "choice":
-                why = str(e)
-            raise ConfigError(f"--config.{dotted}={text}: {why}") from None
+            if _is_mapping(schema, ".".join(keys[:i + 1])):
+                entry = ".".join(keys[i + 1:])
+                node[entry] = ast.literal_eval(text) if _looks_literal(text) else text
+                break
+        else:
+            _set_field(config, node, dotted, keys[-1], text, schema)
     return config
+
+
+def _is_mapping(schema, dotted: str) -> bool:
+    field = schema_lib.lookup(schema, dotted) if schema is not None else None
+    return isinstance(field, schema_lib.Field) and field.kind == "mapping"
+
+
+def _set_field(config, node, dotted: str, last: str, text: str, schema) -> None:
+    if last not in node or (_is_group(node[last]) and not _is_mapping(schema, dotted)):
+        raise ConfigError(unknown_key_message(config, dotted))
+    field = schema_lib.lookup(schema, dotted) if schema is not None else None
+    field = field if isinstance(field, schema_lib.Field) else None
+    try:
+        if field is not None and field.kind == "mapping":
+            value = ast.literal_eval(text) if _looks_literal(text) else None
+            if not isinstance(value, dict):
+                raise ValueError(f"must be a mapping, e.g. \"{{'embed': 'fsdp'}}\"")
+        else:
+            value = _parse_value(text, node[last], field)
+        if field is not None:
+            # The schema, checked next, is the type authority: it allows what the default's
+            # type alone would not (None for an optional field, 'auto' beside booleans).
+            with node.ignore_type():
+                setattr(node, last, value)
+        else:
+            setattr(node, last, value)
+    except (ValueError, TypeError, SyntaxError) as e:
+        why = f"must be {field.describe()}" if field is not None else str(e)
+        if isinstance(e, ValueError) and field is not None and field.kind in ("choice",
+                                                                             "mapping"):
+            why = str(e)
+        raise ConfigError(f"--config.{dotted}={text}: {why}") from None
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str | None, dict[str, str]]:
@@ -265,6 +287,8 @@ def log_to_file(workdir: Path) -> Path:
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
+        if isinstance(old, logging.FileHandler) and old.baseFilename.endswith(LOG_FILE):
+            old.close()     # ours, from an earlier run in this process
     root.addHandler(handler)
     # Warnings and errors only: at INFO, Orbax alone writes ~50 lines per checkpoint.
     root.setLevel(logging.WARNING)
@@ -272,7 +296,16 @@ def log_to_file(workdir: Path) -> Path:
     # (pytest, another tool) has put back since an earlier call.
     logging.captureWarnings(False)
     logging.captureWarnings(True)
+    # Errors Python can only report, not raise (e.g. Orbax's abandoned reads of a damaged
+    # checkpoint, garbage-collected after the damage was handled): to the log, not the screen.
+    sys.unraisablehook = _log_unraisable
     return path
+
+
+def _log_unraisable(unraisable) -> None:
+    logging.getLogger("rlhf_jax.unraisable").warning(
+        "%s: %r", unraisable.err_msg or "Exception ignored in", unraisable.object,
+        exc_info=(unraisable.exc_type, unraisable.exc_value, unraisable.exc_traceback))
 
 
 def _one_line(e: Exception) -> str:

@@ -17,8 +17,6 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from rlhf_jax.checkpoint import CHECKPOINTS
-
 METRICS_FILE = "metrics.jsonl"
 
 
@@ -40,30 +38,37 @@ class MetricsWriter:
     Appending (not truncating) keeps the history of a resumed stage in one file; lines from
     steps after the restored checkpoint are superseded by the resumed run's lines for the same
     steps (`read_metrics` keeps the last line per step).
+
+    In a multi-host run every process computes the metrics (they are global arrays) but only
+    process 0 writes them: one file, no two processes creating the same event directory.
     """
 
     def __init__(self, directory, *, tensorboard: bool = True):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
         self.path = self.directory / METRICS_FILE
+        self._file = self._tb = None
+        if jax.process_index() != 0:
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
         self._file = open(self.path, "a", encoding="utf-8")
-        self._tb = None
         if tensorboard:
             from tensorboardX import SummaryWriter  # writes event files without TensorFlow
             self._tb = SummaryWriter(str(self.directory / "tensorboard"))
 
     def write(self, step: int, metrics: Mapping[str, Any]) -> dict[str, float]:
         values = to_host(metrics)
-        record = {"step": int(step), "time": time.time(), **values}
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        if self._file is not None:
+            record = {"step": int(step), "time": time.time(), **values}
+            self._file.write(json.dumps(record) + "\n")
+            self._file.flush()
         if self._tb is not None:
             for key, value in values.items():
                 self._tb.add_scalar(key, value, int(step))
         return values
 
     def close(self):
-        self._file.close()
+        if self._file is not None:
+            self._file.close()
         if self._tb is not None:
             self._tb.close()
 
@@ -143,6 +148,7 @@ def stage_summary(stage_dir, keys: Iterable[str], *, title: str) -> str:
 
     A key the stage never logged is left out, so one list serves a stage's variants.
     """
+    from rlhf_jax.checkpoint import CHECKPOINTS   # here: metrics alone needs no Orbax
     stage_dir = Path(stage_dir)
     rows = read_metrics(stage_dir) if (stage_dir / METRICS_FILE).exists() else []
     last_step = rows[-1]["step"] if rows else 0
@@ -158,3 +164,9 @@ def stage_summary(stage_dir, keys: Iterable[str], *, title: str) -> str:
     lines.append(f"  checkpoints: {stage_dir / CHECKPOINTS}")
     lines.append(f"  metrics:     {stage_dir / METRICS_FILE} (TensorBoard events beside it)")
     return "\n".join(lines)
+
+
+def print_summary(stage_dir, keys: Iterable[str], *, title: str) -> None:
+    """Prints `stage_summary` once: from process 0 of a multi-host run, which wrote the file."""
+    if jax.process_index() == 0:
+        print(stage_summary(stage_dir, keys, title=title))

@@ -46,6 +46,10 @@ from rlhf_jax.losses import token_entropy
 LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "kv", "norm", "pos")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The family options of ModelConfig (the config schema reads them from here).
+NORMS = ("rmsnorm", "layernorm")
+POSITIONS = ("rope", "learned")
+ACTIVATIONS = ("swiglu", "gelu")
 
 
 def _dtype(name_or_dtype):
@@ -93,12 +97,11 @@ class ModelConfig:
         if self.n_heads % self.n_kv_heads:
             problems.append(
                 f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
-        if self.norm not in ("rmsnorm", "layernorm"):
-            problems.append(f"norm={self.norm!r}; choose 'rmsnorm' or 'layernorm'")
-        if self.position not in ("rope", "learned"):
-            problems.append(f"position={self.position!r}; choose 'rope' or 'learned'")
-        if self.activation not in ("swiglu", "gelu"):
-            problems.append(f"activation={self.activation!r}; choose 'swiglu' or 'gelu'")
+        for field, choices in (("norm", NORMS), ("position", POSITIONS),
+                               ("activation", ACTIVATIONS)):
+            if getattr(self, field) not in choices:
+                problems.append(f"{field}={getattr(self, field)!r}; choose one of "
+                                f"{list(choices)}")
         if self.position == "rope" and self.head_dim % 2:
             problems.append(f"rope needs an even head dim, got {self.head_dim}")
         for field in ("param_dtype", "dtype"):

@@ -54,9 +54,9 @@ def register(kind: str, name: str | None = None, fn: Callable | None = None, *,
     """Registers `fn` under `kind` as `name` (default: its __name__). Usable as a decorator.
 
     `args` maps each argument a config string may set to its `schema.Field` (type, range,
-    meaning); every other parameter is an input the trainer passes. A name may be registered once per kind; registering it
-    again is an error, so two modules can never silently disagree about what a config string
-    means.
+    meaning); every other parameter is an input the trainer passes. A name may be registered
+    once per kind; registering it again is an error, so two modules can never silently
+    disagree about what a config string means.
     """
     _check_kind(kind)
     args = dict(args or {})
@@ -181,7 +181,7 @@ def call(fn: Callable, **available):
     """Calls `fn` with the subset of `available` it declares as parameters.
 
     Arguments already bound by a partial win over `available`, so a config string such as
-    "grpo(group_size=8)" is not overridden by what the trainer passes. A required parameter
+    "grpo(scale=False)" is not overridden by what a caller passes. A required parameter
     missing from `available` raises a TypeError naming it.
     """
     params = inspect.signature(fn).parameters

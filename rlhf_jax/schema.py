@@ -57,7 +57,7 @@ class Field:
         """The type and range in words: "an int >= 1", "a number in [0, 1)", ..."""
         if self.kind == "spec":
             from rlhf_jax import registry
-            text = (f"a {self.registry_kind} name or 'name(arg=value)': "
+            text = (f"the name of a registered {self.registry_kind}, or 'name(arg=value)': "
                     + ", ".join(registry.names(self.registry_kind)))
         elif self.kind == "choice":
             text = "one of " + ", ".join(repr(c) for c in self.choices)

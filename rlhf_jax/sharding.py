@@ -259,7 +259,14 @@ def initialize_distributed(config=None) -> bool:
         return False
     mode = _get(config, "distributed", None)
     if mode == "auto":
-        jax.distributed.initialize()
+        try:
+            jax.distributed.initialize()
+        except (ValueError, RuntimeError) as e:
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise ConfigError(
+                f"mesh.distributed='auto' found no cluster to join ({first}); on one machine "
+                "set mesh.distributed=false, or true with JAX_COORDINATOR_ADDRESS, "
+                "JAX_NUM_PROCESSES and JAX_PROCESS_ID") from None
         return True
     if mode is False:
         return False
@@ -269,6 +276,13 @@ def initialize_distributed(config=None) -> bool:
     if pid is None:
         pid = os.environ.get("JAX_PROCESS_ID")
     num = None if num is None else int(num)
+    if mode is True and address is None and num is None:
+        # Asked for a multi-host run but told nothing about the other hosts: running alone
+        # would silently train on a fraction of the intended devices and data.
+        raise ConfigError(
+            "mesh.distributed=true but no coordinator is given; set JAX_COORDINATOR_ADDRESS, "
+            "JAX_NUM_PROCESSES and JAX_PROCESS_ID in each process, or use "
+            "mesh.distributed='auto' on a cluster JAX detects (TPU pod, SLURM, Open MPI)")
     if address is None and (num is None or num <= 1):
         return False            # single host
     if address is None or num is None or pid is None:

@@ -21,6 +21,7 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
 
 
 import logging  # noqa: E402
+import sys  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -30,7 +31,9 @@ def _restore_logging():
     """experiment.run sends logging to WORKDIR/log.txt; give the next test the handlers back."""
     root = logging.getLogger()
     saved = (list(root.handlers), root.level)
+    hook = sys.unraisablehook
     yield
+    sys.unraisablehook = hook
     for handler in list(root.handlers):
         root.removeHandler(handler)
         if handler not in saved[0]:

@@ -428,3 +428,19 @@ def test_bad_record_names_source_record_and_field(tb, case, kind, record, field,
     assert (e.file, e.index, e.field) == ("mine/train", 1, field)
     assert reason in e.reason
     assert str(e).startswith(f"mine/train: record 1: field {field!r}: ") and "\n" not in str(e)
+
+
+def test_a_damaged_prepared_dataset_is_a_data_error_naming_its_directory(tb, tmp_path):
+    cfg = builders.SyntheticConfig(name="pairs_damaged", kind="pairs", n_train=30, n_test=5)
+    b = builders.prepare(builders.SyntheticTestbed, data_dir=str(tmp_path), config=cfg)
+    source = b.as_data_source(split="train")
+    (path,) = [p for p in tmp_path.rglob("*train.array_record*")]
+    with open(path, "r+b") as f:      # damaged after it was prepared: cut short
+        f.truncate(path.stat().st_size // 3)
+    it = batching.make_iterator(source, kind="pairs", tokenizer=tb.tokenizer,
+                                config=batching.BatchConfig(batch_size=4, buckets=(36,),
+                                                            max_prompt_len=12, prefetch=0))
+    with pytest.raises(DataError, match=r"pairs_damaged/1.0.0 \(split train\): cannot read "
+                                        r"records .*delete that directory") as e:
+        next(it)
+    assert "\n" not in str(e.value)

@@ -645,7 +645,24 @@ def test_stage_data_source_names_what_it_cannot_read(tmp_path):
             common.data_source(data, "pairs", split, tmp_path)
         msg = str(err.value)
         assert msg.startswith(f"data.name={name!r} (split {split!r}) cannot be read") and why in msg
-        assert "datasets prepared there: ['rlhf_synthetic']" in msg and "\n" not in msg
+        assert "datasets prepared there: rlhf_synthetic/p;" in msg and "\n" not in msg
     data.source = "hf"
     with pytest.raises(ConfigError, match="data.source='hf' is invalid"):
         common.data_source(data, "pairs", "train", tmp_path)
+
+
+def test_the_prepared_list_shows_datasets_only_and_at_most_20(tmp_path):
+    import ml_collections
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.trainers import common
+    for i in range(25):                       # prepared: <name>/<version>/dataset_info.json
+        (tmp_path / f"set{i:02d}" / "1.0.0").mkdir(parents=True)
+        (tmp_path / f"set{i:02d}" / "1.0.0" / "dataset_info.json").write_text("{}")
+    for junk in ("cache", "downloads", ".locks"):
+        (tmp_path / junk / "x").mkdir(parents=True)
+    data = ml_collections.ConfigDict(dict(source="tfds", data_dir=str(tmp_path), name="nope"))
+    with pytest.raises(ConfigError) as err:
+        common.data_source(data, "pairs", "train", tmp_path)
+    msg = str(err.value)
+    assert "datasets prepared there: set00, set01," in msg and "set19 and 5 more;" in msg
+    assert "cache" not in msg and "downloads" not in msg and "set20" not in msg

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import time
 
+from rlhf_jax.metrics import read_metrics
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Prints a digest of every record of both splits, so processes can be compared.
@@ -103,39 +105,30 @@ def test_a_process_waits_while_another_prepares(tmp_path):
     assert "data: prepared rlhf_synthetic/pairs_mp (train 200, test 20)" in out
 
 
-DISTRIBUTED = DIGEST + """
-import sys
-from pathlib import Path
-import jax
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-port, pid, workdir = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
-jax.distributed.initialize(coordinator_address=f"127.0.0.1:{port}", num_processes=2,
-                           process_id=pid, initialization_timeout=60)
-import ml_collections
-from jax.experimental import multihost_utils
-from rlhf_jax.trainers import common
-data = ml_collections.ConfigDict(dict(source="synthetic", data_dir="", n_train=300, n_test=30,
-                                      seed=0, tau=1.0, flip_rate=0.0))
-multihost_utils.sync_global_devices("start")         # ask for the data together, to race
-sources = {split: common.data_source(data, "pairs", split, workdir) for split in ("train", "test")}
-multihost_utils.sync_global_devices("data ready")   # both got here: no one is stuck
-print("digest", digest(sources), flush=True)
-jax.distributed.shutdown()
-"""
-
-
 def _free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def test_two_distributed_processes_share_a_fresh_workdir(tmp_path):
-    """The multi-host start-up of a stage: two jax.distributed processes on one fresh workdir
-    both ask `common.data_source` for the testbed."""
+def test_two_fresh_processes_run_a_stage_with_mesh_distributed(tmp_path):
+    """The multi-host start of a stage as a user launches it: two processes, each told its
+    place by JAX_* variables, run experiments.sft with mesh.distributed=true on one fresh
+    workdir. One prepares the testbed while the other waits; both train (a data axis of 2,
+    one device each) and the checkpoints are written once."""
     port = _free_port()
-    procs = [_start(DISTRIBUTED, port, i, tmp_path) for i in range(2)]
-    outs = _finish(procs, timeout=60)
-    a, b = _digests(outs)
-    assert a == b
-    assert sum(out.count("data: prepared rlhf_synthetic/pairs_300_30") for out in outs) == 1
+    procs = []
+    for pid in range(2):
+        env = dict(_env(), JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2",
+                   JAX_PROCESS_ID=str(pid))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "experiments.sft", "--workdir", str(tmp_path),
+             "--config.size=smoke", "--config.mesh.distributed=true", "--config.steps=4",
+             "--config.save_every=2", "--config.log_every=2"],
+            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    outs = _finish(procs, timeout=150)
+    assert sum(out.count("data: prepared rlhf_synthetic/sft_512_64") for out in outs) == 1
+    # Process 0 writes the metrics and prints the summary.
+    assert [out.count("sft: finished at step 4") for out in outs] == [1, 0], outs
+    assert [r["step"] for r in read_metrics(tmp_path / "sft")] == [2, 4]
+    assert sorted(p.name for p in (tmp_path / "sft" / "checkpoints").iterdir()) == ["2", "4"]

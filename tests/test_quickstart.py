@@ -7,6 +7,7 @@ import pytest
 from experiments import quickstart
 from rlhf_jax import experiment
 from rlhf_jax.checkpoint import complete_steps
+from rlhf_jax.errors import ConfigError
 
 
 def test_quickstart_smoke(tmp_path, capsys):
@@ -46,5 +47,17 @@ def test_every_stage_config_is_checked_before_the_first_stage_trains(tmp_path):
     config = experiment.load_config(quickstart.get_config, {"size": "smoke"})
     config.dpo.pref_loss = "bogus"
     with pytest.raises(ValueError, match="bogus"):
+        quickstart.main(config, tmp_path)
+    assert not (tmp_path / "sft").exists()
+
+
+@pytest.mark.parametrize("override,match", [
+    ({"eval.max_new_tokens": "1000"}, "eval.max_new_tokens=1000 after prompts of up to 12"),
+    ({"dpo.init_from": "/nonexistent/sft"}, "dpo.init_from='/nonexistent/sft' holds no complete"),
+    ({"ppo.reward_from": "/nonexistent/rm"}, "ppo.reward_from='/nonexistent/rm' holds no"),
+])
+def test_the_pipeline_plan_is_checked_before_sft_trains(tmp_path, override, match):
+    config = experiment.load_config(quickstart.get_config, {"size": "smoke", **override})
+    with pytest.raises(ConfigError, match=match):
         quickstart.main(config, tmp_path)
     assert not (tmp_path / "sft").exists()

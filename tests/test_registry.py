@@ -116,7 +116,7 @@ def test_argument_ranges_are_checked_at_lookup(spec, match):
 
 
 @pytest.mark.parametrize("kind,spec,match", [
-    ("advantage", "grpo(eps=0)", "eps=0 must be a number > 0"),
+    ("advantage", "grpo(eps=-0.001)", "eps=-0.001 must be a number >= 0"),
     ("advantage", "gae(gamma=1.5)", r"gamma=1.5 must be a number in \[0, 1\]"),
     ("advantage", "best_of_n(top=0)", "top=0 must be an int >= 1"),
     ("advantage", "best_of_n(top=1.0)", "top=1.0 must be an int >= 1"),

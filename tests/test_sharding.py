@@ -20,6 +20,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from rlhf_jax import model, sharding
+from rlhf_jax.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = ROOT / "tests" / "_sharding_worker.py"
@@ -117,6 +118,12 @@ def test_initialize_distributed_skips_single_host(monkeypatch):
     with pytest.raises(ValueError, match="process_id"):
         sharding.initialize_distributed({"coordinator_address": "127.0.0.1:1",
                                          "num_processes": 2})
+    # Asked for, but nothing to join: one line saying what to set, never a silent single host
+    # run or JAX's own traceback.
+    with pytest.raises(ConfigError, match="mesh.distributed=true but no coordinator"):
+        sharding.initialize_distributed({"distributed": True})
+    with pytest.raises(ConfigError, match="mesh.distributed='auto' found no cluster"):
+        sharding.initialize_distributed({"distributed": "auto"})
 
 
 def test_sharded_meshes_match_single_device():

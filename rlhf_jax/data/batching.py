@@ -512,10 +512,25 @@ def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.Tokenizer,
 
 def read(source, indices: list[int]) -> list:
     """The records at `indices`: one read for all of them where the source supports it
-    (a TFDS array_record source does, ~3x faster than record by record)."""
-    if hasattr(source, "__getitems__"):
-        return list(source.__getitems__(indices))
-    return [source[i] for i in indices]
+    (a TFDS array_record source does, ~3x faster than record by record).
+
+    A prepared dataset whose files were damaged after it was written (truncated, overwritten)
+    fails here, in the middle of training: the error names its directory and split."""
+    info = getattr(source, "dataset_info", None)
+    try:
+        if hasattr(source, "__getitems__"):
+            return list(source.__getitems__(indices))
+        return [source[i] for i in indices]
+    except Exception as e:  # noqa: BLE001  (array_record/Riegeli raise RuntimeError, OSError...)
+        if info is None:
+            raise           # an in-memory source: not a file problem
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise DataError(
+            file=f"{info.data_dir} (split {getattr(source, 'split', '?')})",
+            reason=f"cannot read records {indices[:3]}{'...' if len(indices) > 3 else ''}: "
+                   f"{type(e).__name__}: {first[:300]}",
+            fix="its files are damaged; delete that directory so the next run prepares it "
+                "again (the testbed) or prepare it again (docs/data.md)") from None
 
 
 def index_batches(source, *, kind: str, config: BatchConfig,

@@ -19,6 +19,7 @@ from rlhf_jax import checkpoint, model, sharding
 from rlhf_jax.errors import CheckpointError, ConfigError
 from rlhf_jax.data import batching, builders, synthetic
 from rlhf_jax.data import tokenizer as tokenizer_lib
+from rlhf_jax.trainers import fields
 
 
 class NonFiniteError(FloatingPointError):
@@ -58,8 +59,8 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
 
 def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     """AdamW with linear warm-up then cosine (or constant) decay and global-norm clipping."""
-    require(optim.schedule in ("cosine", "constant"),
-            f"optim.schedule={optim.schedule!r}; choose 'cosine' or 'constant'")
+    require(optim.schedule in fields.SCHEDULES,
+            f"optim.schedule={optim.schedule!r}; choose one of {list(fields.SCHEDULES)}")
     warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
     if optim.schedule == "cosine":
         decay = optax.cosine_decay_schedule(optim.lr, max(total_steps - warmup, 1),
@@ -242,9 +243,10 @@ def data_source(data, kind: str, split: str, workdir: Path):
 
     data.source == "synthetic": the testbed's TFDS builder, prepared under
     `data.data_dir` (default workdir/data) with data.n_train / data.n_test / data.seed.
-    data.source == "tfds": an already prepared TFDS dataset `data.name` under `data.data_dir`.
-    Every process of a multi-host run may call this at once on a shared workdir:
-    `builders.prepare` lets the first prepare the testbed while the others wait for it.
+    data.source == "tfds": an already prepared TFDS dataset `data.name` under `data.data_dir`
+    (default workdir/data as well). Every process of a multi-host run may call this at once
+    on a shared workdir: `builders.prepare` lets the first prepare the testbed while the
+    others wait for it.
     """
     if data.source == "synthetic":
         data_dir = data.get("data_dir", "") or str(workdir / "data")
@@ -259,13 +261,14 @@ def data_source(data, kind: str, split: str, workdir: Path):
         builder = builders.prepare(builders.SyntheticTestbed, data_dir=data_dir, config=cfg)
         return builder.as_data_source(split=split)
     if data.source == "tfds":
-        require(bool(data.get("data_dir", "")) and Path(data.data_dir).is_dir(),
-                f"data.data_dir={data.get('data_dir', '')!r} does not exist; prepare the "
-                "dataset first (see docs/data.md) and point data.data_dir at it")
+        data_dir = data.get("data_dir", "") or str(workdir / "data")
+        require(Path(data_dir).is_dir(),
+                f"data.data_dir={data_dir!r} does not exist; prepare the dataset first (see "
+                "docs/data.md) and point data.data_dir at it")
         import tensorflow_datasets as tfds
         try:
             with builders.quiet_tfds():
-                return tfds.data_source(data.name, split=split, data_dir=data.data_dir,
+                return tfds.data_source(data.name, split=split, data_dir=data_dir,
                                         download=False)
         except (ValueError, KeyError) as e:
             # A name not prepared there (DatasetNotFoundError, a ValueError, or a KeyError for
@@ -273,14 +276,38 @@ def data_source(data, kind: str, split: str, workdir: Path):
             # list its whole catalog: keep its first line and list what is prepared instead.
             text = str(e.args[0]) if e.args else type(e).__name__
             first = (text.strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-            prepared = sorted(p.name for p in Path(data.data_dir).iterdir()
-                              if p.is_dir() and not p.name.startswith(".")
-                              and p.name != "downloads")
+            prepared = _prepared_datasets(Path(data_dir))
+            shown = ", ".join(prepared[:20]) + (f" and {len(prepared) - 20} more"
+                                                 if len(prepared) > 20 else "")
             raise ConfigError(f"data.name={data.name!r} (split {split!r}) cannot be read from "
-                              f"data.data_dir={data.data_dir!r}: {first}; datasets prepared "
-                              f"there: {prepared}; fix data.name or prepare the dataset "
+                              f"data.data_dir={data_dir!r}: {first}; datasets prepared "
+                              f"there: {shown or 'none'}; fix data.name or prepare the dataset "
                               "first (see docs/data.md)") from None
-    raise ConfigError(f"data.source={data.source!r} is invalid; choose 'synthetic' or 'tfds'")
+    raise ConfigError(f"data.source={data.source!r} is invalid; choose one of "
+                      f"{list(fields.DATA_SOURCES)}")
+
+
+def _prepared_datasets(data_dir: Path) -> list[str]:
+    """Names of the TFDS datasets prepared under data_dir (those with a dataset_info.json in
+    <name>/[<config>/]<version>/), as data.name would spell them."""
+    found = set()
+    for info in list(data_dir.glob("*/*/dataset_info.json")) + list(
+            data_dir.glob("*/*/*/dataset_info.json")):
+        parts = info.relative_to(data_dir).parts[:-2]      # drop <version>/dataset_info.json
+        found.add("/".join(parts))
+    return sorted(found)
+
+
+def check_data(data, *, batch_size: int) -> None:
+    """The data fields that only make sense together, checked when the config is read: a TFDS
+    source names its dataset; prompts fit the buckets with room for a response (the checks of
+    batching.BatchConfig, under the config's own names)."""
+    require(data.source != "tfds" or bool(data.name),
+            "data.source='tfds' needs data.name: the prepared dataset to read (see docs/data.md)")
+    try:
+        batch_config(data, batch_size=batch_size, seed=0)
+    except ConfigError as e:
+        raise ConfigError(str(e).replace("batching: ", "data.", 1)) from None
 
 
 def batch_config(data, *, batch_size: int, seed: int, shuffle: bool = True,

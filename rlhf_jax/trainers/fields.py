@@ -5,8 +5,12 @@ Each trainer builds its `SCHEMA` (see rlhf_jax/schema.py) from these beside its
 stage gives it a default.
 """
 
-from rlhf_jax.model import _DTYPES
+from rlhf_jax.model import _DTYPES, ACTIVATIONS, NORMS, POSITIONS
 from rlhf_jax.schema import Bool, Choice, Dict, Float, Int, Str, Tuple
+
+# Choices the trainers branch on, named once here and read by trainers/common.py.
+SCHEDULES = ("cosine", "constant")
+DATA_SOURCES = ("synthetic", "tfds")
 
 SIZE = Str(nonempty=True, doc="the experiment's size preset, e.g. 'default' or 'smoke'")
 SEED = Int(ge=0, doc="training seed: initialisation, data order, sampling")
@@ -35,7 +39,7 @@ OPTIM = {
     "grad_clip": Float(ge=0, doc="global-norm gradient clipping; 0 turns it off"),
     "b1": Float(ge=0, lt=1, doc="Adam first-moment decay"),
     "b2": Float(ge=0, lt=1, doc="Adam second-moment decay"),
-    "schedule": Choice("cosine", "constant", doc="learning-rate decay after warm-up"),
+    "schedule": Choice(*SCHEDULES, doc="learning-rate decay after warm-up"),
     "end_lr_frac": Float(ge=0, le=1, doc="final learning rate of the cosine decay, as a "
                                          "fraction of lr"),
 }
@@ -48,9 +52,9 @@ MODEL = {
     "n_kv_heads": Int(ge=1, doc="key/value heads (grouped-query attention); must divide n_heads"),
     "d_ff": Int(ge=1, doc="hidden width of the MLP"),
     "max_len": Int(ge=2, doc="longest sequence (prompt + completion) in tokens"),
-    "norm": Choice("rmsnorm", "layernorm"),
-    "position": Choice("rope", "learned"),
-    "activation": Choice("swiglu", "gelu"),
+    "norm": Choice(*NORMS),
+    "position": Choice(*POSITIONS),
+    "activation": Choice(*ACTIVATIONS),
     "tie_embeddings": Bool(doc="share the input embedding and the output projection"),
     "use_bias": Bool(doc="biases on the projections (GPT-2 style)"),
     "norm_eps": Float(gt=0),
@@ -64,7 +68,7 @@ MODEL = {
 def data(**extra) -> dict:
     """The data group: where records come from, the testbed's size, and how they are batched."""
     return {
-        "source": Choice("synthetic", "tfds", doc="the built-in testbed, or a prepared TFDS "
+        "source": Choice(*DATA_SOURCES, doc="the built-in testbed, or a prepared TFDS "
                                                   "dataset (data.name under data.data_dir)"),
         "name": Str(doc="the TFDS dataset name when source='tfds'"),
         "data_dir": Str(doc="where datasets are prepared or read; '' = WORKDIR/data"),

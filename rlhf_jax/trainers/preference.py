@@ -218,6 +218,7 @@ SCHEMA = {
 def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
     schema.check(config, SCHEMA)
+    common.check_data(config.data, batch_size=config.data.batch_size)
 
 
 def train(config, workdir) -> Path:

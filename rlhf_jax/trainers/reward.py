@@ -112,6 +112,10 @@ SCHEMA = {
 def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
     schema.check(config, SCHEMA)
+    common.check_data(config.data, batch_size=config.data.batch_size)
+    common.require(config.data.source != "tfds" or bool(config.norm.prompts_name),
+                   "norm.prompts_name must name the prepared prompts dataset when "
+                   "data.source='tfds' (the reward is normalised on samples for its prompts)")
     common.require(_data_kind(config) == "pairs" or config.data.source == "synthetic",
                    f"loss={config.loss!r} trains on ranked lists, which only the synthetic "
                    "testbed provides here; use data.source='synthetic' or a pairwise loss")
@@ -396,8 +400,6 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
     if config.data.source == "synthetic":
         pdata = _sub_data(config.data, n_train=norm.prompts_n_train, n_test=norm.prompts_n_test)
     else:
-        common.require(bool(norm.prompts_name), "norm.prompts_name must name the prepared prompts "
-                                                "dataset when data.source='tfds'")
         pdata = _sub_data(config.data, name=norm.prompts_name)
     prompts_it = batching.make_iterator(
         common.data_source(pdata, "prompts", "train", workdir), kind="prompts", tokenizer=tok,

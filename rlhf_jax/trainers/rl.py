@@ -128,6 +128,7 @@ def validate(config) -> int:
     Returns the rollout size (prompts_per_step x samples_per_prompt)."""
     schema.check(config, SCHEMA)
     r = config.rollout
+    common.check_data(config.data, batch_size=r.prompts_per_step)
     common.require(config.reward == "model" or not config.reward_from,
                    "reward_from is not used with reward='gold'; leave it empty or set "
                    "reward='model'")

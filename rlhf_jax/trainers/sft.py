@@ -60,9 +60,14 @@ def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
     schema.check(config, SCHEMA)
     common.model_config(config)      # the architecture's own checks (heads divide d_model...)
+    common.check_data(config.data, batch_size=config.data.batch_size)
     common.require(not (config.init_from and config.data.tokenizer),
                    "data.tokenizer is not used with init_from (the checkpoint carries its "
                    "tokenizer); leave one of them empty")
+    common.require(bool(config.init_from or config.data.tokenizer)
+                   or config.data.source == "synthetic",
+                   "data.tokenizer is required with data.source='tfds' (the path of a "
+                   "sentencepiece .model), unless init_from gives a checkpoint with its own")
 
 
 def load_tokenizer(config, workdir: Path) -> tokenizer_lib.Tokenizer:
