@@ -9,6 +9,7 @@ enough here and much faster.
 
 import functools
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,6 +21,7 @@ from experiments import sft as sft_exp
 from rlhf_jax import experiment, registry
 from rlhf_jax.checkpoint import complete_steps
 from rlhf_jax.data import batching
+from rlhf_jax.errors import CheckpointError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.trainers import common, preference, sft
 
@@ -199,3 +201,20 @@ def test_an_ablation_is_one_config_string():
     with pytest.raises(ValueError, match="unknown config key 'pref_los'; did you mean "
                                          "'pref_loss'"):
         experiment.load_config(dpo_exp.get_config, {"pref_los": "ipo"})
+
+
+def test_a_resume_from_another_sft_model_is_refused_and_a_moved_one_accepted(
+        workdir, straight, tmp_path):
+    # The SFT model is DPO's reference: resuming against another one would mix two runs.
+    _, stage = straight
+    quiet = dict(eval_batches=0, **{"gen.n_prompts": 0})   # changes a resume may make
+    moved = tmp_path / "moved" / "sft"
+    shutil.copytree(workdir / "sft", moved)
+    assert preference.train(_config(workdir, init_from=str(moved), **quiet), workdir) == stage
+    other = sft_exp.get_config("smoke")
+    other.data.data_dir = str(workdir / "data")
+    other.seed, other.steps, other.save_every, other.eval_batches = 1, 4, 4, 0
+    sft.train(other, tmp_path)
+    with pytest.raises(CheckpointError, match=r"started from init_from=.*sft \(step 4, params "
+                                              r"fingerprint .*another checkpoint"):
+        preference.train(_config(workdir, init_from=str(tmp_path / "sft"), **quiet), workdir)
