@@ -52,7 +52,7 @@ def select(x, mask, fill=0.0):
 def _masked(per_token, mask):
     """(values with padded positions 0, the valid positions as 0./1.), both float32."""
     ok = valid(mask)
-    return jnp.where(ok, jnp.asarray(per_token, jnp.float32), 0.0), ok.astype(jnp.float32)
+    return select(per_token, ok), ok.astype(jnp.float32)
 
 
 @registry.register("loss_agg", args={})

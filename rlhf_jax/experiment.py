@@ -149,7 +149,7 @@ def _set_field(config, node, dotted: str, last: str, text: str, schema) -> None:
         if field is not None and field.kind == "mapping":
             value = ast.literal_eval(text) if _looks_literal(text) else None
             if not isinstance(value, dict):
-                raise ValueError(f"must be a mapping, e.g. \"{{'embed': 'fsdp'}}\"")
+                raise ValueError("must be a mapping, e.g. \"{'embed': 'fsdp'}\"")
         else:
             value = _parse_value(text, node[last], field)
         if field is not None:

@@ -30,17 +30,13 @@ class NonFiniteError(FloatingPointError):
 # Config
 # ---------------------------------------------------------------------------------------------
 
-def model_config_dict(cfg: model.ModelConfig) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dataclasses.asdict(cfg))
-
-
 def model_config(config) -> model.ModelConfig:
     """The ModelConfig described by `config.model` (a dict of ModelConfig fields)."""
-    fields = {f.name for f in dataclasses.fields(model.ModelConfig)}
+    names = {f.name for f in dataclasses.fields(model.ModelConfig)}
     given = dict(config.model)
-    unknown = sorted(set(given) - fields)
+    unknown = sorted(set(given) - names)
     if unknown:
-        raise ValueError(f"config.model has unknown fields {unknown}; valid: {sorted(fields)}")
+        raise ConfigError(f"config.model has unknown fields {unknown}; valid: {sorted(names)}")
     return model.ModelConfig(**given)
 
 
