@@ -110,6 +110,9 @@ def group_normalized(rewards, group_size, scale=True, eps=1e-6):
         raise ValueError(f"group_normalized: eps must be >= 0, got {eps}")
     d, tied = _shifted_groups(rewards, group_size)
     adv = d - jnp.mean(d, axis=1, keepdims=True)
+    # Returns that differ only below the smallest normal float (1.2e-38) leave deviations that
+    # XLA flushes to zero: no preference is left to normalise, so such a group counts as tied.
+    tied = tied | (jnp.max(jnp.abs(adv), axis=1, keepdims=True) == 0)
     if scale:
         # adv / (std + eps) computed as unit / (std(unit) + eps / peak), unit = adv / peak with
         # peak = max |adv|: the squares lie in [0, 1], so they neither overflow (rewards ~1e20)

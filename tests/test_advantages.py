@@ -234,6 +234,12 @@ def test_group_normalized_gradient_is_finite_at_a_tie_and_eps_zero_is_defined():
     r = np.array([1.0, 2.0, 4.0, 9.0], np.float32)
     np.testing.assert_allclose(advantages.group_normalized(r, 4, eps=0.0),
                                (r - r.mean()) / r.std(), rtol=1e-6)
+    # Returns differing only below the smallest normal float (found by the property test:
+    # 3 and 4 x 1.1754944e-38) flush to zero deviations: a tie, not NaN / -inf.
+    subnormal = jnp.array([3.5264832e-38, 4.7019776e-38, 4.7019776e-38, 4.7019776e-38])
+    for eps in (1e-6, 0.0):
+        np.testing.assert_array_equal(jax.jit(
+            lambda r: advantages.group_normalized(r, 4, eps=eps))(subnormal), 0.0)
     # ... with a finite gradient even when the spread is ~1e-32 (squares of it underflow).
     tiny = jnp.array([3.9e-32, 0.0, 0.0, 0.0])
     assert np.all(np.isfinite(jax.grad(
