@@ -111,6 +111,22 @@ def test_load_existing_model_without_pad(tmp_path):
     assert tokenizer_lib.Tokenizer.load(path, pad_id=0).pad_id == 0
 
 
+def test_prefix_and_stop_ids(tok, tmp_path):
+    # Models trained here and Llama/Gemma-style models put bos before a text; generation
+    # stops at eos alone unless a checkpoint names more stop ids.
+    assert tok.prefix_ids == [tok.bos_id] and tok.stop_ids == (tok.eos_id,)
+    assert tok.chat_template is None and tok.special_tokens == {}
+    path = str(tmp_path / "no_bos.model")
+    _foreign_model(path, unk_id=0, bos_id=-1, eos_id=1, pad_id=-1)
+    no_bos = tokenizer_lib.Tokenizer.load(path)
+    assert no_bos.bos_id is None and no_bos.prefix_ids == [] and no_bos.pad_id == 1
+    assert no_bos.encode("the worm", add_bos=True) == no_bos.encode("the worm")
+    ids, _ = no_bos.encode_chat([{"role": "user", "content": "hi"}])
+    assert ids.tolist() == (no_bos.marker_ids("<|user|>") + no_bos.encode("hi")
+                            + no_bos.marker_ids("<|end|>"))
+    assert no_bos.decode_batch([no_bos.encode("the worm") + [1, 5]]) == ["the worm"]
+
+
 CONVO = [
     {"role": "system", "content": "be brief"},
     {"role": "user", "content": "the question"},

@@ -29,11 +29,12 @@ the loss by loss_mask[:, 1:]. Rows of a final partial batch (num_epochs set, no 
 padding with valid=0.
 
 Truncation rule (over-long examples, `overlong="truncate"`): keep the *end* of the prompt (at
-most max_prompt_len tokens, bos kept in front) and the *start* of the response (up to
-max(buckets) tokens in all), so the context nearest the response and the beginning of the
-response survive. `overlong="error"` raises an `OverlongError` (a DataError) naming the source,
-record and field; `overlong="skip"` leaves the example out: its row is empty with valid=0 and
-skipped=1, so shapes and the iterator position stay as they were and the count is in the batch.
+most max_prompt_len tokens, the tokenizer's prefix_ids, e.g. bos, kept in front) and the
+*start* of the response (up to max(buckets) tokens in all), so the context nearest the
+response and the beginning of the response survive. `overlong="error"` raises an
+`OverlongError` (a DataError) naming the source, record and field; `overlong="skip"` leaves
+the example out: its row is empty with valid=0 and skipped=1, so shapes and the iterator
+position stay as they were and the count is in the batch.
 """
 
 from __future__ import annotations
@@ -138,22 +139,27 @@ class BatchConfig:
 class TextEncoder:
     """Turns prompt and response text into ids.
 
-    format="plain": prompt = [bos] + encode(prompt); response = encode(response) + [eos].
+    format="plain": prompt = prefix_ids + encode(prompt) (prefix_ids is [bos], or [] for a
+    tokenizer that puts nothing before a text, e.g. Qwen's); response = encode(response) + [eos].
     format="chat": the prompt is parsed as an HH-style conversation ("\\n\\nHuman: ..."; other
-    text is one user turn) and encoded with the tokenizer's chat format, ending in the assistant
-    marker; response = encode(response) + [<|end|>, eos].
+    text is one user turn) and encoded with the tokenizer's chat format, ending in what opens
+    an assistant turn. response: with the tokenizer's chat_template, the reply as the template
+    closes an assistant turn (e.g. "text<|im_end|>\\n"), so prompt + response ids are the
+    template's rendering of the whole conversation; without one, encode(response) + [<|end|>,
+    eos].
     """
 
-    def __init__(self, tokenizer: tokenizer_lib.Tokenizer, *, format: str = "plain",
+    def __init__(self, tokenizer: tokenizer_lib.BaseTokenizer, *, format: str = "plain",
                  chat: tokenizer_lib.ChatFormat = tokenizer_lib.DEFAULT_CHAT):
         if format not in ("plain", "chat"):
             raise ConfigError(f"batching: format={format!r} is invalid; use 'plain' or 'chat'")
         self.tok, self.format, self.chat = tokenizer, format, chat
 
     def prompt(self, text: str) -> list[int]:
-        """Prompt text -> ids, starting with bos."""
+        """Prompt text -> ids, starting with the tokenizer's prefix_ids (or the template's
+        opening)."""
         if self.format == "plain":
-            return [self.tok.bos_id] + self.tok.encode(text)
+            return list(self.tok.prefix_ids) + self.tok.encode(text)
         messages = records.hh_to_messages(text) if "\n\nHuman:" in text else [
             {"role": "user", "content": text}]
         ids, _ = self.tok.encode_chat(messages, loss_on="none", add_generation_prompt=True,
@@ -161,7 +167,9 @@ class TextEncoder:
         return ids.tolist()
 
     def response(self, text: str) -> list[int]:
-        """Response text -> ids, ending with eos."""
+        """Response text -> ids, ending with eos (or the template's end of turn)."""
+        if self.format == "chat" and self.tok.chat_template is not None:
+            return self.tok.chat_response_ids(text)
         ids = self.tok.encode(text)
         if self.format == "chat":
             ids += self.tok.marker_ids(self.chat.end)
@@ -169,13 +177,16 @@ class TextEncoder:
 
 
 def truncate(prompt: Sequence[int], response: Sequence[int], *, max_prompt_len: int,
-             max_len: int, bos_id: int | None = None) -> tuple[list[int], list[int]]:
-    """The truncation rule: keep the end of the prompt (<= max_prompt_len tokens, a leading bos
-    kept) and the start of the response (so that prompt + response <= max_len)."""
+             max_len: int, prefix: Sequence[int] = (), bos_id: int | None = None
+             ) -> tuple[list[int], list[int]]:
+    """The truncation rule: keep the end of the prompt (<= max_prompt_len tokens, a leading
+    `prefix` kept: the tokenizer's prefix_ids) and the start of the response (so that
+    prompt + response <= max_len). `bos_id=b` is the older spelling of `prefix=[b]`."""
     prompt, response = list(prompt), list(response)
+    keep = list(prefix) if bos_id is None else [bos_id]
     if len(prompt) > max_prompt_len:
-        if bos_id is not None and prompt and prompt[0] == bos_id:
-            prompt = [bos_id] + prompt[len(prompt) - max_prompt_len + 1:]
+        if keep and prompt[:len(keep)] == keep and len(keep) <= max_prompt_len:
+            prompt = keep + prompt[len(prompt) - max_prompt_len + len(keep):]
         else:
             prompt = prompt[len(prompt) - max_prompt_len:]
     return prompt, response[:max(0, max_len - len(prompt))]
@@ -268,7 +279,11 @@ def _encode_chat_record(index: int, record: dict, *, fields: dict, enc: TextEnco
         raise DataError(file=name, index=index, field=key, reason="missing", fix=FIX_RECORD)
     messages = _messages(record[key], name=name, index=index, field=key)
     ids, mask = enc.tok.encode_chat(messages, loss_on=loss_on, chat=enc.chat)
-    ids, mask = ids.tolist() + [enc.tok.eos_id], mask.tolist() + [mask[-1]]
+    ids, mask = ids.tolist(), mask.tolist()
+    if enc.tok.chat_template is None:
+        # The markers close a turn with <|end|>; eos ends the sequence. A template writes
+        # its own end of turn, which is among the tokenizer's stop ids.
+        ids, mask = ids + [enc.tok.eos_id], mask + [mask[-1]]
     first = mask.index(1) if 1 in mask else len(ids)
     prompt, completion, cmask = ids[:first], ids[first:], mask[first:]
     limit = min(config.max_prompt_len, config.max_len)
@@ -277,15 +292,25 @@ def _encode_chat_record(index: int, record: dict, *, fields: dict, enc: TextEnco
                         reason=f"{len(ids)} tokens ({len(prompt)} before the first loss token), "
                                f"longer than the limits {config.max_len} ({limit})")
     p, c = truncate(prompt, completion, max_prompt_len=limit, max_len=config.max_len,
-                    bos_id=enc.tok.bos_id)
+                    prefix=enc.tok.prefix_ids)
     return {"prompt": p, "completion": c, "completion_mask": cmask[:len(c)],
             "truncated": int(len(p) + len(c) < len(ids))}
 
 
-def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: TextEncoder,
+def _encode_record(index: int, record: dict, **how) -> dict:
+    """One source record -> {"prompt": ids, ("completion" | "chosen"/"rejected"): ids, ...}.
+    A chat template that refuses the record's conversation is a DataError naming it."""
+    try:
+        return _encode_fields(index, record, **how)
+    except tokenizer_lib.ChatTemplateError as e:
+        raise DataError(file=how["name"], index=index, field="<conversation>", reason=str(e),
+                        fix=f"{FIX_RECORD}, or use a tokenizer whose template accepts it"
+                        ) from None
+
+
+def _encode_fields(index: int, record: dict, *, kind: str, fields: dict, enc: TextEncoder,
                    config: BatchConfig, name: str, extra_fields: Sequence[str],
                    chat_loss_on: str = "all_assistant") -> dict:
-    """One source record -> {"prompt": ids, ("completion" | "chosen"/"rejected"): ids, ...}."""
     if not isinstance(record, Mapping):
         raise DataError(file=name, index=index, field="<record>",
                         reason=f"expected a record (a dict of fields), got "
@@ -308,7 +333,7 @@ def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: Te
                         reason=f"{len(prompt)} tokens, longer than the limit {limit}")
     if kind == "prompts":
         kept = truncate(prompt, [], max_prompt_len=limit, max_len=config.max_len,
-                        bos_id=enc.tok.bos_id)[0]
+                        prefix=enc.tok.prefix_ids)[0]
         return {"prompt": kept, "truncated": int(len(kept) < len(prompt))}
     out = {}
     roles = ("completion",) if kind == "sft" else ("chosen", "rejected")
@@ -319,7 +344,7 @@ def _encode_record(index: int, record: dict, *, kind: str, fields: dict, enc: Te
                             reason=f"prompt + response = {len(prompt) + len(response)} tokens, "
                                    f"longer than the limit {config.max_len}")
         p, out[role] = truncate(prompt, response, max_prompt_len=limit,
-                                max_len=config.max_len, bos_id=enc.tok.bos_id)
+                                max_len=config.max_len, prefix=enc.tok.prefix_ids)
         cut = len(p) < len(prompt) or len(out[role]) < len(response)
         out["truncated"] = int(out.get("truncated", 0) or cut)
     out["prompt"] = p
@@ -462,7 +487,7 @@ class BatchIterator:
         return self._it.get_state()["next_index"] * self.batch_size / self.num_examples
 
 
-def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.Tokenizer,
+def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.BaseTokenizer,
                   config: BatchConfig, fields: dict | None = None, format: str = "plain",
                   extra_fields: Sequence[str] = (), name: str = "source",
                   encoder: Callable | None = None,
