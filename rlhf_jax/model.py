@@ -10,16 +10,19 @@ Every parameter carries a `logical_axes` metadata tuple (names from `LOGICAL_AXE
 query projection kernel [D, H, K] has `("embed", "heads", "kv")`. `sharding.py` maps these names
 to mesh axes through a rules table; the model never mentions a mesh.
 
-Parameter paths are regular so that GPT-2 and Llama checkpoints can be converted later:
+Parameter paths are regular, so `hf.py` maps them to and from Hugging Face checkpoints by name:
 
     embed/embedding                     [V, D]      (vocab, embed)
     pos_embed/embedding                 [L, D]      (None, embed)       position == "learned"
     layers_{i}/attn_norm/scale (/bias)  [D]         (norm,)
     layers_{i}/attn/{q,k,v}_proj/kernel [D, H|Hkv, K]
     layers_{i}/attn/o_proj/kernel       [H, K, D]
+    layers_{i}/attn/{q,k}_norm/scale    [K]         (norm,)             qk_norm only
+    layers_{i}/attn_post_norm/scale     [D]                             post_norms only
     layers_{i}/mlp_norm/scale (/bias)   [D]
-    layers_{i}/mlp/{gate,up}_proj/kernel [D, F]     (embed, mlp)        gate only for swiglu
+    layers_{i}/mlp/{gate,up}_proj/kernel [D, F]     (embed, mlp)        gate only for gated MLPs
     layers_{i}/mlp/down_proj/kernel     [F, D]      (mlp, embed)
+    layers_{i}/mlp_post_norm/scale      [D]                             post_norms only
     final_norm/scale (/bias)            [D]
     lm_head/kernel                      [D, V]      (embed, vocab)      untied embeddings only
 
@@ -49,7 +52,10 @@ _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.floa
 # The family options of ModelConfig (the config schema reads them from here).
 NORMS = ("rmsnorm", "layernorm")
 POSITIONS = ("rope", "learned")
-ACTIVATIONS = ("swiglu", "gelu")
+ACTIVATIONS = ("swiglu", "geglu", "gelu")
+GATED = ("swiglu", "geglu")
+ROPE_TYPES = ("default", "linear", "llama3")
+LAYER_TYPES = ("full", "sliding")
 
 
 def _dtype(name_or_dtype):
@@ -67,9 +73,17 @@ def _dtype(name_or_dtype):
 class ModelConfig:
     """Architecture of the decoder-only transformer.
 
-    The switches (norm, position, activation, tie_embeddings, use_bias) cover both GPT-2-style
-    (layernorm, learned positions, gelu, tied, biases) and Llama-style (rmsnorm, rope, swiglu,
-    untied, no biases, grouped-query attention) checkpoints.
+    One model with declared options covers the families `hf.py` reads (which options each
+    family sets is the table `hf.FAMILIES`; docs/model.md lists them):
+
+    - GPT-2: layernorm, learned positions, gelu, tied embeddings, biases everywhere.
+    - Llama 2/3: rmsnorm, rope (3.1+: rope_type="llama3"), swiglu, grouped-query attention.
+    - Qwen2/2.5: as Llama plus q/k/v biases (qkv_bias). Qwen3: q/k RMSNorm (qk_norm) and an
+      explicit head_dim.
+    - Gemma 2/3: geglu, RMSNorm scaled by (1 + w) (norm_offset=1), embeddings scaled by
+      sqrt(d_model), norms after attention and MLP too (post_norms), attention and final logit
+      soft-capping, queries scaled by query_pre_attn_scalar**-0.5, sliding-window layers
+      (layer_types, sliding_window) with their own rope base (rope_local_theta, Gemma 3).
     """
 
     vocab_size: int = 64
@@ -81,38 +95,86 @@ class ModelConfig:
     max_len: int = 128
     norm: str = "rmsnorm"        # "rmsnorm" | "layernorm"
     position: str = "rope"       # "rope" | "learned"
-    activation: str = "swiglu"   # "swiglu" | "gelu" (tanh approximation, as GPT-2)
+    activation: str = "swiglu"   # "swiglu" | "geglu" | "gelu" (gelu: tanh form, as GPT-2)
     tie_embeddings: bool = False
-    use_bias: bool = False       # biases on projections (GPT-2 has them, Llama does not)
+    use_bias: bool = False       # biases on every projection and the MLP (GPT-2)
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     init_std: float = 0.02
     param_dtype: str = "float32"
     dtype: str = "float32"       # compute dtype; "bfloat16" on accelerators (params stay fp32)
+    # --- family options (defaults: off, i.e. the model above is unchanged) -------------------
+    head_dim: int = 0            # K; 0 = d_model // n_heads (Gemma, Qwen3 set it explicitly)
+    qkv_bias: bool = False       # biases on q/k/v only (Qwen2)
+    qk_norm: bool = False        # RMSNorm of each query/key head before rope (Qwen3, Gemma 3)
+    norm_offset: float = 0.0     # norm scale is (norm_offset + w): 1.0 for Gemma
+    embed_scale: bool = False    # multiply token embeddings by sqrt(d_model) (Gemma)
+    post_norms: bool = False     # also normalise the attention and MLP outputs (Gemma 2/3)
+    attn_softcap: float = 0.0    # scores -> cap * tanh(scores / cap); 0 = off (Gemma 2)
+    final_softcap: float = 0.0   # the same on the output logits (Gemma 2)
+    query_pre_attn_scalar: float = 0.0   # queries scaled by this**-0.5; 0 = head_size**-0.5
+    layer_types: tuple = ()      # per layer "full" | "sliding"; () = all full
+    sliding_window: int = 0      # a sliding layer's query sees the last sliding_window keys
+    rope_local_theta: float = 0.0        # rope base of sliding layers (Gemma 3); 0 = rope_theta
+    rope_type: str = "default"   # "default" | "linear" | "llama3" (frequency scaling)
+    rope_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0    # llama3 scaling only
+    rope_high_freq_factor: float = 4.0   # llama3 scaling only
+    rope_original_max_len: int = 8192    # llama3 scaling only
+    family: str = ""             # the Hugging Face family this config came from ("" = none)
 
     def __post_init__(self):
+        # JSON (checkpoint meta) turns tuples into lists; a frozen config must stay hashable.
+        object.__setattr__(self, "layer_types", tuple(self.layer_types))
         problems = []
-        if self.d_model % self.n_heads:
-            problems.append(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}")
+        if not self.head_dim and self.d_model % self.n_heads:
+            problems.append(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}"
+                            " (or set head_dim)")
+        if self.head_dim < 0:
+            problems.append(f"head_dim={self.head_dim} must be >= 0 (0 = d_model // n_heads)")
         if self.n_heads % self.n_kv_heads:
             problems.append(
                 f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         for field, choices in (("norm", NORMS), ("position", POSITIONS),
-                               ("activation", ACTIVATIONS)):
+                               ("activation", ACTIVATIONS), ("rope_type", ROPE_TYPES)):
             if getattr(self, field) not in choices:
                 problems.append(f"{field}={getattr(self, field)!r}; choose one of "
                                 f"{list(choices)}")
-        if self.position == "rope" and self.head_dim % 2:
-            problems.append(f"rope needs an even head dim, got {self.head_dim}")
+        if self.position == "rope" and self.head_size % 2:
+            problems.append(f"rope needs an even head dim, got {self.head_size}")
         for field in ("param_dtype", "dtype"):
             if getattr(self, field) not in _DTYPES:
                 problems.append(f"{field}={getattr(self, field)!r}; choose one of {list(_DTYPES)}")
+        if self.layer_types:
+            if len(self.layer_types) != self.n_layers:
+                problems.append(f"layer_types has {len(self.layer_types)} entries for "
+                                f"n_layers={self.n_layers}")
+            bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+            if bad:
+                problems.append(f"layer_types {bad}; each must be one of {list(LAYER_TYPES)}")
+            if "sliding" in self.layer_types and self.sliding_window < 1:
+                problems.append("sliding layers need sliding_window >= 1")
+        for field in ("attn_softcap", "final_softcap", "query_pre_attn_scalar",
+                      "rope_local_theta", "sliding_window"):
+            if getattr(self, field) < 0:
+                problems.append(f"{field}={getattr(self, field)} must be >= 0 (0 = off)")
+        if self.rope_factor <= 0:
+            problems.append(f"rope_factor={self.rope_factor} must be > 0")
+        if self.rope_type == "llama3" and not (
+                0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
+            problems.append("llama3 rope scaling needs 0 < rope_low_freq_factor < "
+                            "rope_high_freq_factor")
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
 
     @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
+    def head_size(self) -> int:
+        """K, the width of one attention head: head_dim, or d_model // n_heads when it is 0."""
+        return self.head_dim or self.d_model // self.n_heads
+
+    def is_sliding(self, layer: int) -> bool:
+        """Whether layer `layer` attends through a sliding window."""
+        return bool(self.layer_types) and self.layer_types[layer] == "sliding"
 
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
@@ -188,16 +250,23 @@ class DenseGeneral(nnx.Module):
 
 
 class Norm(nnx.Module):
-    """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016), computed in float32."""
+    """RMSNorm (Zhang & Sennrich 2019) or LayerNorm (Ba et al. 2016), computed in float32.
 
-    def __init__(self, cfg: ModelConfig):
+    The scale is (norm_offset + w): Gemma stores w around 0 and multiplies by (1 + w). It is
+    initialised so that the effective scale starts at 1 either way. `dim` defaults to D; the
+    q/k norms (qk_norm) normalise each head over K and are always RMSNorms.
+    """
+
+    def __init__(self, cfg: ModelConfig, *, dim: int | None = None, kind: str | None = None):
         pdt = _dtype(cfg.param_dtype)
-        self.kind = cfg.norm
+        dim = cfg.d_model if dim is None else dim
+        self.kind = cfg.norm if kind is None else kind
         self.eps = cfg.norm_eps
+        self.offset = float(cfg.norm_offset)
         self.dtype = _dtype(cfg.dtype)
-        self.scale = nnx.Param(jnp.ones((cfg.d_model,), pdt), logical_axes=("norm",))
-        self.bias = (nnx.Param(jnp.zeros((cfg.d_model,), pdt), logical_axes=("norm",))
-                     if cfg.norm == "layernorm" else None)
+        self.scale = nnx.Param(jnp.full((dim,), 1.0 - self.offset, pdt), logical_axes=("norm",))
+        self.bias = (nnx.Param(jnp.zeros((dim,), pdt), logical_axes=("norm",))
+                     if self.kind == "layernorm" else None)
 
     def __call__(self, x):
         """Normalise over the last axis (D); returns the compute dtype."""
@@ -206,19 +275,59 @@ class Norm(nnx.Module):
         if self.kind == "layernorm":
             x32 = x32 - jnp.mean(x32, axis=-1, keepdims=True)
         y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
-        y = y * self.scale[...].astype(jnp.float32)
+        scale = self.scale[...].astype(jnp.float32)
+        y = y * (scale + self.offset if self.offset else scale)
         if self.bias is not None:
             y = y + self.bias[...].astype(jnp.float32)
         return y.astype(self.dtype)
 
 
-def rope(x_btnk, positions_bt, theta: float):
+def rope_frequencies(k: int, theta: float, *, rope_type: str = "default", factor: float = 1.0,
+                     low_freq_factor: float = 1.0, high_freq_factor: float = 4.0,
+                     original_max_len: int = 8192):
+    """Inverse frequencies [K/2] float32 of rotary embeddings, with optional scaling.
+
+    default: theta**(-2i/K) (Su et al. 2021). linear: all divided by `factor` (position
+    interpolation, Chen et al. 2023). llama3 (Llama 3.1 and later): wavelengths longer than
+    original_max_len / low_freq_factor are divided by `factor`, shorter than
+    original_max_len / high_freq_factor kept, and the band between interpolated smoothly.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))
+    if rope_type == "linear":
+        return inv_freq / factor
+    if rope_type == "llama3":
+        wavelen = 2 * math.pi / inv_freq
+        smooth = (original_max_len / wavelen - low_freq_factor) / (
+            high_freq_factor - low_freq_factor)
+        long_ = wavelen > original_max_len / low_freq_factor
+        short = wavelen < original_max_len / high_freq_factor
+        scaled = jnp.where(long_, inv_freq / factor, inv_freq)
+        blended = (1 - smooth) * scaled / factor + smooth * scaled
+        return jnp.where(long_ | short, scaled, blended)
+    return inv_freq
+
+
+def layer_rope(cfg: ModelConfig, layer: int) -> dict:
+    """The `rope_frequencies` arguments of one layer: Gemma 3's sliding layers use their own
+    base and no scaling (rope_local_theta); every other layer uses rope_theta and the
+    configured scaling. A dict of Python numbers, static in the model's graph."""
+    if cfg.rope_local_theta and cfg.is_sliding(layer):
+        return dict(k=cfg.head_size, theta=cfg.rope_local_theta)
+    return dict(k=cfg.head_size, theta=cfg.rope_theta, rope_type=cfg.rope_type,
+                factor=cfg.rope_factor, low_freq_factor=cfg.rope_low_freq_factor,
+                high_freq_factor=cfg.rope_high_freq_factor,
+                original_max_len=cfg.rope_original_max_len)
+
+
+def rope(x_btnk, positions_bt, theta: float = 10000.0, *, inv_freq=None):
     """Rotary position embedding (Su et al. 2021, eq. 34), rotate-half layout as in Llama.
 
     x: [B, T, N, K] (N any number of heads), positions: [B, T] int. Rotation in float32.
+    `inv_freq` [K/2] (from `rope_frequencies`) overrides the plain frequencies of `theta`.
     """
     k = x_btnk.shape[-1]
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, k, 2, dtype=jnp.float32) / k))      # [K/2]
+    if inv_freq is None:
+        inv_freq = rope_frequencies(k, theta)                                       # [K/2]
     angles = positions_bt.astype(jnp.float32)[..., None] * inv_freq                 # [B, T, K/2]
     sin = jnp.sin(angles)[:, :, None, :]
     cos = jnp.cos(angles)[:, :, None, :]
@@ -231,19 +340,32 @@ def rope(x_btnk, positions_bt, theta: float):
 class Attention(nnx.Module):
     """Multi-head causal self-attention with grouped-query heads (Ainslie et al. 2023)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    def __init__(self, cfg: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
+        d, h, g, k = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_size
         std = cfg.init_std
         # Residual-branch output projections are scaled by 1/sqrt(2 n_layers) (GPT-2, sec. 2.3).
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        kw = dict(use_bias=cfg.use_bias, cfg=cfg, rngs=rngs)
-        self.q_proj = DenseGeneral((d,), (h, k), ("embed",), ("heads", "kv"), std=std, **kw)
-        self.k_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std, **kw)
-        self.v_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std, **kw)
-        self.o_proj = DenseGeneral((h, k), (d,), ("heads", "kv"), ("embed",), std=out_std, **kw)
+        kw = dict(cfg=cfg, rngs=rngs)
+        qkv_bias = cfg.use_bias or cfg.qkv_bias
+        self.q_proj = DenseGeneral((d,), (h, k), ("embed",), ("heads", "kv"), std=std,
+                                   use_bias=qkv_bias, **kw)
+        self.k_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std,
+                                   use_bias=qkv_bias, **kw)
+        self.v_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std,
+                                   use_bias=qkv_bias, **kw)
+        self.o_proj = DenseGeneral((h, k), (d,), ("heads", "kv"), ("embed",), std=out_std,
+                                   use_bias=cfg.use_bias, **kw)
+        self.q_norm = Norm(cfg, dim=k, kind="rmsnorm") if cfg.qk_norm else None
+        self.k_norm = Norm(cfg, dim=k, kind="rmsnorm") if cfg.qk_norm else None
         self.n_heads, self.n_kv_heads, self.head_dim = h, g, k
         self.position = cfg.position
         self.theta = cfg.rope_theta
+        # Static per-layer constants (hashable, part of the graphdef): the rope arguments and
+        # the query scale (Gemma: query_pre_attn_scalar**-0.5 instead of K**-0.5).
+        self.rope_args = tuple(sorted(layer_rope(cfg, layer).items()))
+        self.query_scale = (cfg.query_pre_attn_scalar ** -0.5 if cfg.query_pre_attn_scalar
+                            else 1.0 / math.sqrt(k))
+        self.softcap = float(cfg.attn_softcap)
         self.dtype = _dtype(cfg.dtype)
 
     def __call__(self, x_btd, positions_bt, allowed_bts, cache=None, cache_index=None):
@@ -256,9 +378,12 @@ class Attention(nnx.Module):
         q = self.q_proj(x_btd)                     # [B, T, H, K]
         k = self.k_proj(x_btd)                     # [B, T, G, K]
         v = self.v_proj(x_btd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         if self.position == "rope":
-            q = rope(q, positions_bt, self.theta)
-            k = rope(k, positions_bt, self.theta)
+            inv_freq = rope_frequencies(**dict(self.rope_args))
+            q = rope(q, positions_bt, inv_freq=inv_freq)
+            k = rope(k, positions_bt, inv_freq=inv_freq)
         # Heads-major [B, G, T, K] layout: the cache is stored the way the attention matmuls
         # read it, so a decode step writes one slot instead of transposing the whole cache.
         k = jnp.swapaxes(k, 1, 2)
@@ -272,9 +397,11 @@ class Attention(nnx.Module):
         groups = self.n_heads // self.n_kv_heads
         # Group query heads by the kv head they share: [B, G, R, T, K], R = H / G.
         q = q.reshape(b, t, self.n_kv_heads, groups, self.head_dim).transpose(0, 2, 3, 1, 4)
-        q = q * jnp.asarray(1.0 / math.sqrt(self.head_dim), q.dtype)
+        q = q * jnp.asarray(self.query_scale, q.dtype)
         scores = jnp.einsum("bgrtk,bgsk->bgrts", q, k.astype(q.dtype),
                             preferred_element_type=jnp.float32)
+        if self.softcap:
+            scores = self.softcap * jnp.tanh(scores / self.softcap)     # Gemma 2
         # A finite fill (not -inf) keeps fully masked rows (left-pad queries) NaN-free; their
         # outputs are garbage but masked everywhere downstream.
         scores = jnp.where(allowed_bts[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
@@ -285,7 +412,8 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU (Shazeer 2020) or GELU (Hendrycks & Gimpel 2016, tanh form as GPT-2) MLP."""
+    """SwiGLU or GeGLU (Shazeer 2020; GeGLU with the tanh GELU, as Gemma) or a plain GELU MLP
+    (Hendrycks & Gimpel 2016, tanh form as GPT-2)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
         d, f = cfg.d_model, cfg.d_ff
@@ -293,7 +421,7 @@ class MLP(nnx.Module):
         kw = dict(use_bias=cfg.use_bias, cfg=cfg, rngs=rngs)
         self.activation = cfg.activation
         self.gate_proj = (DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **kw)
-                          if cfg.activation == "swiglu" else None)
+                          if cfg.activation in GATED else None)
         self.up_proj = DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **kw)
         self.down_proj = DenseGeneral((f,), (d,), ("mlp",), ("embed",), std=out_std, **kw)
 
@@ -301,26 +429,38 @@ class MLP(nnx.Module):
         """[B, T, D] -> [B, T, D]."""
         if self.activation == "swiglu":
             h = jax.nn.silu(self.gate_proj(x_btd)) * self.up_proj(x_btd)
+        elif self.activation == "geglu":
+            h = jax.nn.gelu(self.gate_proj(x_btd), approximate=True) * self.up_proj(x_btd)
         else:
             h = jax.nn.gelu(self.up_proj(x_btd), approximate=True)
         return self.down_proj(h)
 
 
 class Block(nnx.Module):
-    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x)). With post_norms
+    (Gemma 2/3) each branch output is normalised too: x + norm(attn(norm(x)))."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, layer: int = 0, rngs: nnx.Rngs):
         self.attn_norm = Norm(cfg)
-        self.attn = Attention(cfg, rngs=rngs)
+        self.attn = Attention(cfg, layer=layer, rngs=rngs)
+        self.attn_post_norm = Norm(cfg) if cfg.post_norms else None
         self.mlp_norm = Norm(cfg)
         self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp_post_norm = Norm(cfg) if cfg.post_norms else None
+        self.sliding = cfg.is_sliding(layer)
 
     def __call__(self, x, positions, allowed, cache=None, cache_index=None):
-        """x: [B, T, D] -> (x [B, T, D], this layer's updated cache or None)."""
-        y, cache = self.attn(self.attn_norm(x), positions, allowed, cache, cache_index)
+        """x: [B, T, D] -> (x [B, T, D], this layer's updated cache or None). `allowed` is a
+        dict of masks {"full", "sliding"}; the layer takes its own."""
+        mask = allowed["sliding" if self.sliding else "full"]
+        y, cache = self.attn(self.attn_norm(x), positions, mask, cache, cache_index)
+        if self.attn_post_norm is not None:
+            y = self.attn_post_norm(y)
         x = x + y
-        x = x + self.mlp(self.mlp_norm(x))
-        return x, cache
+        y = self.mlp(self.mlp_norm(x))
+        if self.mlp_post_norm is not None:
+            y = self.mlp_post_norm(y)
+        return x + y, cache
 
 
 def default_positions(mask_bt):
@@ -358,7 +498,7 @@ class Transformer(nnx.Module):
         else:
             self.pos_embed = None
         for i in range(cfg.n_layers):
-            setattr(self, f"layers_{i}", Block(cfg, rngs=rngs))
+            setattr(self, f"layers_{i}", Block(cfg, layer=i, rngs=rngs))
         self.final_norm = Norm(cfg)
         if lm_head and not cfg.tie_embeddings:
             self.lm_head = DenseGeneral((cfg.d_model,), (cfg.vocab_size,), ("embed",),
@@ -380,6 +520,8 @@ class Transformer(nnx.Module):
         ignored. With a cache (list of per-layer dicts, k/v [B, G, S, K]) the T new tokens sit
         at cache slots [cache_index, cache_index + T); `kv_mask_bs` [B, S] marks which slots
         hold real tokens (including the new ones) and a query at slot i sees slots <= i.
+        Sliding-window layers see only slots i - sliding_window < j <= i (in cache slots, which
+        are positions up to the left padding, as in transformers).
         """
         b, t = tokens_bt.shape
         if mask_bt is None:
@@ -388,14 +530,19 @@ class Transformer(nnx.Module):
         if positions_bt is None:
             positions_bt = default_positions(mask_bt)
         if cache is None:
-            causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-            allowed = causal[None] & mask_bt[:, None, :]                      # [B, T, T]
+            q_slot, kv_mask = jnp.arange(t), mask_bt                          # [T], [B, S=T]
         else:
-            s = cache[0]["k"].shape[2]
-            q_slot = cache_index + jnp.arange(t)
-            causal = q_slot[:, None] >= jnp.arange(s)[None, :]                 # [T, S]
-            allowed = causal[None] & kv_mask_bs.astype(jnp.bool_)[:, None, :]  # [B, T, S]
+            q_slot, kv_mask = cache_index + jnp.arange(t), kv_mask_bs.astype(jnp.bool_)
+        k_slot = jnp.arange(kv_mask.shape[1])
+        causal = q_slot[:, None] >= k_slot[None, :]                           # [T, S]
+        allowed = {"full": causal[None] & kv_mask[:, None, :]}                # [B, T, S]
+        if "sliding" in self.cfg.layer_types:
+            window = q_slot[:, None] - k_slot[None, :] < self.cfg.sliding_window
+            allowed["sliding"] = allowed["full"] & window[None]
         x = self.embed(tokens_bt)
+        if self.cfg.embed_scale:
+            # Gemma: embeddings times sqrt(D), the constant rounded to the compute dtype.
+            x = x * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions_bt)
         new_cache = []
@@ -407,15 +554,20 @@ class Transformer(nnx.Module):
         return (x, None) if cache is None else (x, new_cache)
 
     def logits(self, hidden_btd):
-        """Unembedding [B, T, D] -> [B, T, V]; logits are returned in float32."""
+        """Unembedding [B, T, D] -> [B, T, V]; logits are returned in float32 (soft-capped at
+        final_softcap where the family has it, Gemma 2)."""
         if self.lm_head is not None:
             kernel = self.lm_head.kernel[...].astype(self.dtype)
-            return jnp.einsum("btd,dv->btv", hidden_btd, kernel,
-                              preferred_element_type=jnp.float32)
-        if not self.has_lm_head and not self.cfg.tie_embeddings:
+            logits = jnp.einsum("btd,dv->btv", hidden_btd, kernel,
+                                preferred_element_type=jnp.float32)
+        elif not self.has_lm_head and not self.cfg.tie_embeddings:
             raise ValueError("This Transformer was built with lm_head=False (a backbone)")
-        table = self.embed.embedding[...].astype(self.dtype)
-        return jnp.einsum("btd,vd->btv", hidden_btd, table, preferred_element_type=jnp.float32)
+        else:
+            table = self.embed.embedding[...].astype(self.dtype)
+            logits = jnp.einsum("btd,vd->btv", hidden_btd, table,
+                                preferred_element_type=jnp.float32)
+        cap = self.cfg.final_softcap
+        return cap * jnp.tanh(logits / cap) if cap else logits
 
     def __call__(self, tokens_bt, *, mask_bt=None, positions_bt=None):
         """Training forward: returns (logits [B, T, V] float32, hidden [B, T, D])."""
@@ -425,7 +577,7 @@ class Transformer(nnx.Module):
     def init_cache(self, batch_size: int, length: int, dtype=None):
         """Zero KV cache: a list (one per layer) of {k, v: [B, G, S, K]} in the compute dtype."""
         cfg = self.cfg
-        shape = (batch_size, cfg.n_kv_heads, length, cfg.head_dim)
+        shape = (batch_size, cfg.n_kv_heads, length, cfg.head_size)
         dt = self.dtype if dtype is None else dtype
         return [{"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
                 for _ in range(cfg.n_layers)]

@@ -67,8 +67,8 @@ def flops_per_token(cfg: M.ModelConfig, seq_len: int) -> dict:
     Training = 3 x forward (backward = 2 x forward, Kaplan et al. 2020 / Chinchilla appendix).
     """
     d, f, L = cfg.d_model, cfg.d_ff, cfg.n_layers
-    attn_proj = d * cfg.head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
-    mlp = d * f * (3 if cfg.activation == "swiglu" else 2)
+    attn_proj = d * cfg.head_size * (2 * cfg.n_heads + 2 * cfg.n_kv_heads)
+    mlp = d * f * (3 if cfg.activation in M.GATED else 2)
     matmul_params = L * (attn_proj + mlp) + d * cfg.vocab_size
     return {"matmul": 2 * matmul_params, "attention": 4 * L * seq_len * d,
             "matmul_params": matmul_params}
