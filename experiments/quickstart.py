@@ -27,7 +27,7 @@ from experiments import dpo as dpo_exp
 from experiments import ppo as ppo_exp
 from experiments import reward as reward_exp
 from experiments import sft as sft_exp
-from rlhf_jax import checkpoint, evaluation, experiment, schema
+from rlhf_jax import checkpoint, evaluation, experiment, hf, schema
 from rlhf_jax.data import batching
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.metrics import read_metrics
@@ -100,7 +100,8 @@ def check_plan(config, stages) -> None:
     for name, stage in stages.items():
         for key in ("init_from", "reward_from"):
             path = stage.get(key, "")
-            common.require(not path or checkpoint.stage_has_checkpoint(path),
+            common.require(not path or checkpoint.stage_has_checkpoint(path)
+                           or hf.is_hf_dir(path),
                            f"{name}.{key}={path!r} holds no complete checkpoint; leave it empty "
                            "to use this run's own stage, or point it at a stage directory")
     if not stages["sft"].init_from:

@@ -51,7 +51,7 @@ def gold_mask(prompt_mask, completion_mask):
 
 
 @functools.lru_cache(maxsize=16)
-def _scorer(graphdef, reward_graphdef, temperature: float, eos_id: int, with_kl: bool,
+def _scorer(graphdef, reward_graphdef, temperature: float, eos_id: tuple, with_kl: bool,
             with_rm: bool, with_gold: bool):
     """One compiled scoring function per (models, options), shared by every Evaluator in the
     process (the RL trainer's, the preference trainer's and the quickstart's)."""
@@ -61,7 +61,8 @@ def _scorer(graphdef, reward_graphdef, temperature: float, eos_id: int, with_kl:
               completion_mask, logps):
         seq, seq_mask = join(prompt_tokens, prompt_mask, completion, completion_mask)
         out = {"length": jnp.sum(completion_mask, axis=1),
-               "eos": jnp.any((completion == eos_id) & (completion_mask > 0), axis=1)}
+               "eos": jnp.any(sampling.is_stop(completion, eos_id) & (completion_mask > 0),
+                              axis=1)}
         if with_kl:
             ref = completion_logps(graphdef, ref_params, seq, seq_mask, completion,
                                    completion_mask, temperature=temperature)
@@ -91,7 +92,7 @@ class Evaluator:
         placement, so the samples are split over the data axis); default: jnp.asarray.
     """
 
-    def __init__(self, *, graphdef, ref_params, prompts, max_new_tokens: int, eos_id: int,
+    def __init__(self, *, graphdef, ref_params, prompts, max_new_tokens: int, eos_id,
                  pad_id: int, reward=None, testbed=None, temperature: float = 1.0,
                  max_rows: int = 1024, place=None):
         self.graphdef, self.ref_params = graphdef, ref_params
@@ -133,8 +134,8 @@ class Evaluator:
         evaluated with the same rng share their random numbers. kl=False skips the reference
         pass (best-of-n of the reference itself needs no KL)."""
         score = _scorer(self.graphdef, None if self.reward is None else self.reward[0],
-                        self.temperature, int(self.eos_id), kl, self.reward is not None,
-                        self.testbed is not None)
+                        self.temperature, sampling.stop_ids(self.eos_id), kl,
+                        self.reward is not None, self.testbed is not None)
         num = min(prompts, self.num_prompts) if prompts > 0 else self.num_prompts
         total = num * n
         chunk = min(self.max_rows, total)

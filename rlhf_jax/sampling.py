@@ -12,6 +12,8 @@ Conventions:
   recomputes with `model.token_logprobs(logits, tokens, mask, temperature=temperature)`, so
   PPO's old/new ratio starts at 1. With temperature == 0 (greedy) the log-probs are those of
   the untempered (temperature 1) distribution.
+- `eos_id` is one id or a tuple of stop ids (an instruct model stops at its end-of-turn token
+  as well as at EOS; `Tokenizer.stop_ids`).
 - After a row emits `eos_id` (the EOS itself is kept, mask 1), every later token is `pad_id`
   with mask 0 and log-prob 0. The loop stops early once every row has finished.
 """
@@ -22,9 +24,27 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from rlhf_jax.model import default_positions
+
+
+def stop_ids(eos_id) -> tuple[int, ...]:
+    """`eos_id` (one id or several) as a tuple of ints, hashable for jit's static arguments."""
+    ids = tuple(int(i) for i in np.atleast_1d(eos_id))
+    if not ids:
+        raise ValueError("eos_id names no stop id")
+    return ids
+
+
+def is_stop(tokens, eos_id):
+    """Elementwise: whether each token is one of the stop ids (`eos_id`: an id or several)."""
+    ids = stop_ids(eos_id)
+    out = tokens == ids[0]
+    for i in ids[1:]:
+        out = out | (tokens == i)
+    return out
 
 
 def filter_logits(logits_bv, *, top_k: int = 0, top_p: float = 1.0):
@@ -88,7 +108,7 @@ def _record(carry, step, token, logp, *, eos_id, pad_id):
     carry["tokens"] = jax.lax.dynamic_update_slice(carry["tokens"], token[:, None], (0, step))
     carry["logprobs"] = jax.lax.dynamic_update_slice(carry["logprobs"], logp[:, None], (0, step))
     carry["mask"] = jax.lax.dynamic_update_slice(carry["mask"], emitted[:, None], (0, step))
-    carry["done"] = done | (token == eos_id)
+    carry["done"] = done | is_stop(token, eos_id)
     return carry, token, emitted
 
 
@@ -186,7 +206,7 @@ def _generate_uncached(graphdef, params, prompt_bp, prompt_mask_bp, rng, *, max_
 
 
 def generate(model, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
-             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id: int,
+             temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, eos_id,
              pad_id: int, use_cache: bool = True):
     """Sample completions for left-padded prompts in one compiled loop.
 
@@ -221,7 +241,8 @@ def generate(model, prompt_tokens, prompt_mask, rng, *, max_new_tokens: int,
     fn = _generate_cached if use_cache else _generate_uncached
     return fn(graphdef, params, prompt_tokens, prompt_mask, rng,
               max_new_tokens=int(max_new_tokens), temperature=float(temperature),
-              top_k=int(top_k), top_p=float(top_p), eos_id=int(eos_id), pad_id=int(pad_id))
+              top_k=int(top_k), top_p=float(top_p), eos_id=stop_ids(eos_id),
+              pad_id=int(pad_id))
 
 
 def generate_uncached(model, prompt_tokens, prompt_mask, rng, **kwargs):

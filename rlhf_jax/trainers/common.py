@@ -5,7 +5,6 @@ A trainer (`sft.py`, `reward.py`, ...) stays a flat script that calls these in o
 here knows which stage it serves.
 """
 
-import base64
 import dataclasses
 import json
 from pathlib import Path
@@ -15,7 +14,7 @@ import ml_collections
 import numpy as np
 import optax
 
-from rlhf_jax import checkpoint, model, sharding
+from rlhf_jax import checkpoint, hf, model, sharding
 from rlhf_jax.errors import CheckpointError, ConfigError
 from rlhf_jax.data import batching, builders, synthetic
 from rlhf_jax.data import tokenizer as tokenizer_lib
@@ -213,14 +212,12 @@ def place_batch(batch: dict, mesh, rules) -> dict:
 # Tokenizer and data
 # ---------------------------------------------------------------------------------------------
 
-def tokenizer_to_meta(tok: tokenizer_lib.Tokenizer) -> dict:
-    return {"model_proto_b64": base64.b64encode(tok.serialized()).decode("ascii"),
-            "pad_id": int(tok.pad_id)}
+def tokenizer_to_meta(tok) -> dict:
+    return tokenizer_lib.to_meta(tok)
 
 
-def tokenizer_from_meta(meta: dict) -> tokenizer_lib.Tokenizer:
-    return tokenizer_lib.Tokenizer.from_proto(base64.b64decode(meta["model_proto_b64"]),
-                                              pad_id=meta["pad_id"])
+def tokenizer_from_meta(meta: dict):
+    return tokenizer_lib.from_meta(meta)
 
 
 def testbed() -> synthetic.Testbed:
@@ -232,6 +229,20 @@ def testbed() -> synthetic.Testbed:
 
 
 _TESTBED = None
+
+
+def token_testbed(data, tok):
+    """The testbed, when the data is the testbed's and `tok` is its tokenizer; else None.
+
+    The testbed's gold reward reads the testbed's own token ids, so a model with another
+    tokenizer (one loaded from a Hugging Face checkpoint, say) trains on the testbed's text
+    but cannot be scored by its gold reward token by token.
+    """
+    if data.source != "synthetic":
+        return None
+    bed = testbed()
+    same = tokenizer_lib.to_meta(tok) == tokenizer_lib.to_meta(bed.tokenizer)
+    return bed if same else None
 
 
 def data_source(data, kind: str, split: str, workdir: Path):
@@ -343,7 +354,10 @@ def source_record(stage_dir, meta: dict, params=None) -> dict:
 
 
 def stage_source(stage_dir, *, key: str = "init_from") -> dict:
-    """source_record of a stage's latest checkpoint, read from its meta alone (no arrays)."""
+    """source_record of a stage's latest checkpoint, read from its meta alone (no arrays), or
+    of a Hugging Face checkpoint directory."""
+    if hf.is_hf_dir(stage_dir):
+        return hf.source_record(stage_dir)
     with checkpoint.Checkpointer(stage_dir) as ckpt:
         try:
             meta = ckpt.restore_meta()
@@ -368,7 +382,13 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
     fails with a CheckpointError naming the step and its path. It does not fall back to an
     older step as a resumption does: the next stage would silently start from another model
     than the finished one (for the reward stage, one without its normalisation).
+
+    `stage_dir` may also be a Hugging Face checkpoint ("hf:DIR", or a directory holding a
+    config.json): see `load_hf`.
     """
+    if hf.is_hf_dir(stage_dir):
+        return load_hf(stage_dir, kind=kind, mesh=mesh, rules=rules, seed=seed,
+                       new_head=new_head, key=key)
     stage_dir = Path(stage_dir)
     require(checkpoint.stage_has_checkpoint(stage_dir),
             f"{key}={str(stage_dir)!r} holds no complete checkpoint; run the stage that "
@@ -398,6 +418,41 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
     graphdef, head_params = init_model(saved_cfg, kind=kind, mesh=mesh, rules=rules, seed=seed)
     params = model.init_head_model_from_policy(head_params=head_params, policy_params=params)
     return graphdef, params, saved_cfg, tok, meta
+
+
+def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
+            new_head: bool = False, key: str = "init_from"):
+    """`load_stage` for a Hugging Face checkpoint directory: float32 master weights computing
+    in the checkpoint's own dtype, read straight onto the mesh (`hf.load`).
+
+    kind="policy": a causal LM. kind="reward": a *ForSequenceClassification checkpoint's
+    score head; with new_head=True a causal LM's backbone with a fresh head is accepted too.
+    kind="value" (new_head=True): the backbone with a zero value head. meta carries the
+    `hf.source_record` of the directory as its "source", step 0 and the model kind.
+    """
+    directory = hf.strip_prefix(path)
+    shown = f"{key}={str(path)!r}"
+    mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
+    try:
+        c = hf.read_config(directory)
+        scored = hf.has_score_head(directory)
+        require(kind != "reward" or new_head or scored,
+                f"{shown} is a causal LM checkpoint with no reward head (score.weight); give "
+                "a *ForSequenceClassification checkpoint or a reward stage directory")
+        load_kind = "policy" if kind == "policy" else "reward"
+        graphdef, params, cfg, tok = hf.load(
+            directory, kind=load_kind, dtype="float32", compute_dtype=hf.checkpoint_dtype(c),
+            mesh=mesh, rules=rules, seed=seed)
+    except (ConfigError, CheckpointError) as e:       # a DataError names its file already
+        message = str(e)
+        raise type(e)(message if message.startswith(shown) else f"{shown}: {message}") \
+            from None
+    meta = {"source": hf.source_record(directory), "step": 0, "model_kind": kind,
+            "hf_config": c}
+    if kind == "value":
+        graphdef, params = value_from_reward((graphdef, params, cfg, tok, meta), mesh=mesh,
+                                             rules=rules, seed=seed)
+    return graphdef, params, cfg, tok, meta
 
 
 def value_from_reward(reward, *, mesh, rules, seed: int = 0):

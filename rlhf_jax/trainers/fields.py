@@ -72,6 +72,9 @@ def data(**extra) -> dict:
                                                   "dataset (data.name under data.data_dir)"),
         "name": Str(doc="the TFDS dataset name when source='tfds'"),
         "data_dir": Str(doc="where datasets are prepared or read; '' = WORKDIR/data"),
+        "format": Choice("plain", "chat", doc="plain text, or prompts as conversations in the "
+                                              "model's chat template (instruct models; "
+                                              "docs/data.md)"),
         "n_train": Int(ge=1, doc="testbed training records"),
         "n_test": Int(ge=1, doc="testbed held-out records (evaluation reads them)"),
         "seed": Int(ge=0, doc="testbed data seed (kept fixed across training seeds)"),

@@ -55,8 +55,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Testbed rows are at most 9 prompt + 24 completion tokens, so one bucket of 36 (as in the
     # SFT and reward stages) never truncates (docs/testbed.md).
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", name="", data_dir="", n_train=10_000, n_test=1_000, seed=0,
-        tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=32))
+        source="synthetic", name="", data_dir="", format="plain", n_train=10_000,
+        n_test=1_000, seed=0, tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=32))
     # Tuned on the default testbed SFT model (see experiments/dpo.py, which lists the runs):
     # with beta 0.2, 32 pairs at lr 5e-4 for 80 steps gain ~0.65 SFT std at KL ~4; with beta
     # 0.1, comparable budgets reached KL 4.9-13 for gains of -0.08 to 0.69 std.
@@ -232,11 +232,11 @@ def train(config, workdir) -> Path:
     use_ref = needs_reference(loss_fn)
     mesh, rules = common.setup_mesh(config, config.data.batch_size,
                                      2 * config.data.batch_size)
-    testbed = common.testbed() if config.data.source == "synthetic" else None
 
     # --- model: policy and frozen reference from the SFT stage -------------------------------
     graphdef, params, model_cfg, tok, init_meta = common.load_stage(
         init_from, mesh=mesh, rules=rules, seed=config.seed)
+    testbed = common.token_testbed(config.data, tok)   # the gold generation eval needs it
     sources = {"init_from": init_meta["source"]}   # the reference: a resumption must match it
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
@@ -253,12 +253,13 @@ def train(config, workdir) -> Path:
     params = _copy(params)
 
     # --- data --------------------------------------------------------------------------------
-    extra = ("gold_chosen", "gold_rejected") if testbed is not None else ()
+    # The pairs' gold rewards are fields of the testbed's records, whatever the tokenizer.
+    extra = ("gold_chosen", "gold_rejected") if config.data.source == "synthetic" else ()
     train_it = batching.make_iterator(
         common.data_source(config.data, "pairs", "train", workdir), kind="pairs",
         tokenizer=tok, config=common.batch_config(config.data, batch_size=config.data.batch_size,
                                                   seed=config.seed),
-        name="pairs/train")
+        name="pairs/train", format=config.data.format)
 
     # --- update step ------------------------------------------------------------------------
     optimizer = _optimizer(tuple(sorted(config.optim.items())), config.steps)
@@ -320,7 +321,8 @@ def train(config, workdir) -> Path:
             tokenizer=tok, extra_fields=extra,
             config=common.batch_config(config.data, batch_size=config.data.batch_size,
                                        seed=config.seed, shuffle=False, num_epochs=1,
-                                       drop_remainder=False), name="pairs/test")
+                                       drop_remainder=False), name="pairs/test",
+            format=config.data.format)
         results.update(_pair_eval(eval_terms, params, held_ref, test_it, config.eval_batches,
                                   mesh, rules, gold=bool(extra)))
 
@@ -336,10 +338,10 @@ def train(config, workdir) -> Path:
 
         prompts = list(batching.make_iterator(
             common.data_source(prompts_data, "prompts", "test", workdir), kind="prompts",
-            tokenizer=tok, config=prompt_cfg, name="prompts/test"))
+            tokenizer=tok, config=prompt_cfg, name="prompts/test", format=config.data.format))
         evaluator = evaluation.Evaluator(
             graphdef=graphdef, ref_params=ref_params, prompts=prompts,
-            max_new_tokens=gen.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            max_new_tokens=gen.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
             testbed=testbed, temperature=gen.temperature)
         # The same key for both: a paired comparison on the same random numbers.
         key = jax.random.key(config.seed)

@@ -51,7 +51,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import checkpoint, metrics as metrics_lib, model, registry, sampling, schema
+from rlhf_jax import checkpoint, hf, metrics as metrics_lib, model, registry, sampling, schema
 from rlhf_jax.data import batching, records
 from rlhf_jax.trainers import common, fields
 
@@ -67,8 +67,8 @@ def default_config() -> ml_collections.ConfigDict:
     # Preference pairs. n_train / n_test / seed / tau / flip_rate size and label the synthetic
     # testbed's pairs; with source="tfds", `name` is the prepared pairs dataset.
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", name="", data_dir="", n_train=10_000, n_test=1_000, seed=0,
-        tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=64))
+        source="synthetic", name="", data_dir="", format="plain", n_train=10_000,
+        n_test=1_000, seed=0, tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=64))
     # Tuned on the default testbed run (see experiments/reward.py): lr 1e-4 stays at chance
     # after one epoch; on the default SFT model 1e-3 with decay to 0 reaches the acceptance
     # gold accuracies in one epoch, where 2e-3 and 3e-3 fall just short on far pairs.
@@ -79,7 +79,7 @@ def default_config() -> ml_collections.ConfigDict:
     # prompts_name is the prepared prompts dataset when data.source="tfds".
     c.norm = ml_collections.ConfigDict(dict(
         n_samples=1024, batch_size=256, temperature=1.0, max_new_tokens=0,
-        prompts_name="", prompts_n_train=4_000, prompts_n_test=500))
+        prompts_name="", prompts_n_train=4_000, prompts_n_test=500, policy_from=""))
     c.log_every = 20
     c.save_every = 100
     c.keep = 2
@@ -104,6 +104,9 @@ SCHEMA = {
         "max_new_tokens": schema.Int(ge=0, doc="0 = up to the model's max_len"),
         "prompts_name": schema.Str(doc="the prepared prompts dataset when data.source='tfds'"),
         "prompts_n_train": schema.Int(ge=1), "prompts_n_test": schema.Int(ge=1),
+        "policy_from": schema.Str(doc="the policy sampled for the normalisation; '' = "
+                                      "init_from (set it when init_from is a reward model "
+                                      "such as a *ForSequenceClassification checkpoint)"),
     },
     "eval_batches": schema.Int(ge=0, doc="held-out pair batches; 0 = the whole test split"),
 }
@@ -134,8 +137,12 @@ def _data_kind(config) -> str:
     return "pairs" if registry.accepts(fn, "chosen_rewards") else "rankings"
 
 
-def resolve_init_from(config, workdir: Path) -> Path:
-    """The SFT stage directory: config.init_from, or WORKDIR/sft when it is empty."""
+def resolve_init_from(config, workdir: Path):
+    """The SFT stage directory: config.init_from, or WORKDIR/sft when it is empty; or a
+    Hugging Face checkpoint (hf:DIR), a causal LM or a *ForSequenceClassification model."""
+    if hf.is_hf_dir(config.init_from):
+        hf.read_config(hf.strip_prefix(config.init_from))    # exists and is readable
+        return config.init_from
     init_from = Path(config.init_from) if config.init_from else workdir / "sft"
     common.require(checkpoint.stage_has_checkpoint(init_from),
                    f"init_from={str(init_from)!r} holds no complete SFT checkpoint"
@@ -254,10 +261,11 @@ def train(config, workdir) -> Path:
     train_source = common.data_source(config.data, kind, "train", workdir)
     if kind == "pairs":
         train_it = batching.make_iterator(train_source, kind="pairs", tokenizer=tok,
-                                          config=train_cfg, name="pairs/train")
+                                          config=train_cfg, name="pairs/train",
+                                          format=config.data.format)
     else:
         train_it = rankings_iterator(train_source, tokenizer=tok, config=train_cfg,
-                                     name="rankings/train")
+                                     name="rankings/train", format=config.data.format)
 
     # --- update step --------------------------------------------------------------------------
     loss_spec = registry.get("reward_loss", config.loss)
@@ -329,8 +337,13 @@ def train(config, workdir) -> Path:
     train_seconds = time.perf_counter() - t0
 
     # --- normalisation on SFT samples (Ziegler et al. 2019 sec. 2.2) --------------------------
-    policy_graphdef, policy_params, _, _, _ = common.load_stage(
-        init_from, kind="policy", mesh=mesh, rules=rules, seed=config.seed)
+    policy_from = config.norm.policy_from or init_from
+    policy_graphdef, policy_params, _, policy_tok, _ = common.load_stage(
+        policy_from, kind="policy", mesh=mesh, rules=rules, seed=config.seed,
+        key="norm.policy_from" if config.norm.policy_from else "init_from")
+    common.require(common.tokenizer_to_meta(policy_tok) == common.tokenizer_to_meta(tok),
+                   f"norm.policy_from={str(policy_from)!r} uses another tokenizer than the "
+                   "reward model; the normalisation scores the policy's tokens directly")
     samples = sample_policy(config, workdir, (policy_graphdef, policy_params), tok, mesh, rules)
     sample_batches = [common.place_batch({"tokens": t, "mask": m}, mesh, rules)
                       for t, m in zip(samples["tokens"], samples["mask"])]
@@ -356,7 +369,7 @@ def train(config, workdir) -> Path:
         config=common.batch_config(config.data, batch_size=config.data.batch_size,
                                    seed=config.seed, shuffle=False, num_epochs=1,
                                    drop_remainder=False),
-        extra_fields=gold_fields, name="pairs/test")
+        extra_fields=gold_fields, name="pairs/test", format=config.data.format)
     cols = {k: [] for k in ("rc", "rr", "valid", *gold_fields)}
     for i, host_batch in enumerate(test_it):
         if config.eval_batches and i >= config.eval_batches:
@@ -406,8 +419,9 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
         config=batching.BatchConfig(batch_size=norm.batch_size,
                                     buckets=(prompt_len, max(config.data.buckets)),
                                     max_prompt_len=prompt_len, seed=config.seed),
-        name="prompts/train")
-    gold_fn = common.testbed().gold_reward if config.data.source == "synthetic" else None
+        name="prompts/train", format=config.data.format)
+    bed = common.token_testbed(config.data, tok)     # gold scores need the testbed's tokens
+    gold_fn = bed.gold_reward if bed is not None else None
     rng = jax.random.key(config.seed)
     tokens, masks, golds, n = [], [], [], 0
     while n < norm.n_samples:
@@ -416,7 +430,7 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
         rng, key = jax.random.split(rng)
         comp, comp_mask, _ = sampling.generate(
             policy, batch["tokens"], batch["mask"], key, max_new_tokens=new_tokens,
-            temperature=float(norm.temperature), eos_id=tok.eos_id, pad_id=tok.pad_id)
+            temperature=float(norm.temperature), eos_id=tok.stop_ids, pad_id=tok.pad_id)
         seq = jnp.concatenate([batch["tokens"], comp], axis=1)
         seq_mask = jnp.concatenate([batch["mask"].astype(jnp.int32),
                                     comp_mask.astype(jnp.int32)], axis=1)
@@ -433,7 +447,7 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
 
 
 def rankings_iterator(source, *, tokenizer, config: batching.BatchConfig,
-                      name: str = "rankings") -> batching.BatchIterator:
+                      name: str = "rankings", format: str = "plain") -> batching.BatchIterator:
     """K-wise batches of ranked lists {prompt, responses [K] best first} for Plackett–Luce.
 
     Returns a checkpointable iterator of {"tokens" [K*B, T], "mask" [K*B, T], "valid" [B]}:
@@ -443,7 +457,7 @@ def rankings_iterator(source, *, tokenizer, config: batching.BatchConfig,
     """
     common.require(config.drop_remainder, "rankings batches are always full; build the iterator "
                    "with drop_remainder=True")
-    enc = batching.TextEncoder(tokenizer)
+    enc = batching.TextEncoder(tokenizer, format=format)
 
     def encode(index, record):
         prompt = enc.prompt(batching.as_text(record["prompt"], name=name, index=index,
@@ -453,7 +467,7 @@ def rankings_iterator(source, *, tokenizer, config: batching.BatchConfig,
             response = enc.response(batching.as_text(response, name=name, index=index,
                                                      field="responses"))
             p, r = batching.truncate(prompt, response, max_prompt_len=config.max_prompt_len,
-                                     max_len=config.max_len, bos_id=tokenizer.bos_id)
+                                     max_len=config.max_len, prefix=tokenizer.prefix_ids)
             rows.append(p + r)
         return rows
 

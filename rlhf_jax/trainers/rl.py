@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward = "model"           # "model" (r_phi) or "gold" (the testbed's r*: PPO-GT)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", name="", data_dir="", n_train=4_000, n_test=500, seed=0,
+        source="synthetic", name="", data_dir="", format="plain", n_train=4_000, n_test=500, seed=0,
         buckets=(12,), max_prompt_len=11))
     c.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=64, samples_per_prompt=1, max_new_tokens=24, temperature=1.0))
@@ -193,6 +193,10 @@ def train(config, workdir) -> Path:
         reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules,
                                    key="reward_from")
         sources["reward_from"] = reward[4]["source"]
+        common.require(common.tokenizer_to_meta(reward[3]) == common.tokenizer_to_meta(tok),
+                       f"reward_from={rm_dir!r} uses another tokenizer than the policy "
+                       f"({sft_dir!r}); the reward model scores the policy's tokens directly, "
+                       "so both must come from the same tokenizer")
     if uses_critic:
         # The critic starts from the reward model (Ziegler et al. 2019; Ouyang et al. 2022), or
         # from the SFT policy when optimising the gold reward, with a zero value head, so early
@@ -206,7 +210,11 @@ def train(config, workdir) -> Path:
                 new_head=True)[:2]
     else:
         value_graphdef, value_params = None, {}
-    testbed = common.testbed() if config.data.source == "synthetic" else None
+    testbed = common.token_testbed(config.data, tok)
+    common.require(config.reward != "gold" or testbed is not None,
+                   "reward='gold' scores the testbed's own token ids, and this policy "
+                   f"({config.init_from or 'WORKDIR/sft'}) uses another tokenizer; use "
+                   "reward='model' with reward_from, or start from a testbed SFT stage")
     tables = None if testbed is None else testbed.tables
     p_len = max(config.data.buckets)
     common.require(p_len + r.max_new_tokens <= model_cfg.max_len,
@@ -217,7 +225,8 @@ def train(config, workdir) -> Path:
     prompt_it = batching.make_iterator(
         common.data_source(config.data, "prompts", "train", workdir), kind="prompts",
         tokenizer=tok, config=common.batch_config(config.data, batch_size=r.prompts_per_step,
-                                                  seed=config.seed), name="prompts/train")
+                                                  seed=config.seed), name="prompts/train",
+        format=config.data.format)
 
     # --- losses from the registry ---------------------------------------------------------------
     policy_loss_fn = registry.get("policy_loss", config.policy_loss)
@@ -232,7 +241,8 @@ def train(config, workdir) -> Path:
                                             completion_mask, temperature=r.temperature)
         ref_logps = evaluation.completion_logps(graphdef, ref_params, seq, seq_mask, completion,
                                                 completion_mask, temperature=r.temperature)
-        has_eos = jnp.any((completion == tok.eos_id) & (completion_mask > 0), axis=1)
+        has_eos = jnp.any(sampling.is_stop(completion, tok.stop_ids) & (completion_mask > 0),
+                          axis=1)
         out = {"seq": seq, "seq_mask": seq_mask, "logps": logps, "ref_logps": ref_logps,
                "has_eos": has_eos}
         if tables is not None:
@@ -354,11 +364,11 @@ def train(config, workdir) -> Path:
             common.data_source(config.data, "prompts", "test", workdir), kind="prompts",
             tokenizer=tok, config=common.batch_config(
                 config.data, batch_size=min(config.eval_prompts, 256), seed=config.seed,
-                shuffle=False), name="prompts/test")
+                shuffle=False), name="prompts/test", format=config.data.format)
         eval_prompts = [next(test_it) for _ in range(max(1, config.eval_prompts // 256))]
         evaluator = evaluation.Evaluator(
             graphdef=graphdef, ref_params=ref_params, prompts=eval_prompts,
-            max_new_tokens=r.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
+            max_new_tokens=r.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
             reward=None if reward is None else reward[:2], testbed=testbed,
             temperature=r.temperature, max_rows=n_rollout,  # the rollouts' compiled sampler
             place=lambda b: common.place_batch(b, mesh, rules))
@@ -382,7 +392,7 @@ def train(config, workdir) -> Path:
         prompt, prompt_mask = placed["tokens"], placed["mask"]
         completion, completion_mask, _ = sampling.generate(
             (graphdef, params["policy"]), prompt, prompt_mask, k_sample,
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_id=tok.eos_id,
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_id=tok.stop_ids,
             pad_id=tok.pad_id)
         completion_mask = completion_mask.astype(jnp.int32)
         rollout = score(params["policy"], ref_params, params["value"] if uses_critic else None,

@@ -16,7 +16,7 @@ import ml_collections
 from rlhf_jax import checkpoint, metrics as metrics_lib, schema
 from rlhf_jax.aggregation import aggregate
 from rlhf_jax.data import batching
-from rlhf_jax.data import tokenizer as tokenizer_lib
+from rlhf_jax.data import tokenizer as tokenizer_lib, tokenizer_files
 from rlhf_jax.trainers import common, fields
 
 STAGE = "sft"
@@ -32,8 +32,8 @@ def default_config() -> ml_collections.ConfigDict:
         use_bias=False, param_dtype="float32", dtype="float32"))
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", name="", data_dir="", tokenizer="", n_train=20_000, n_test=1_000,
-        seed=0, buckets=(36,), max_prompt_len=12, batch_size=64))
+        source="synthetic", name="", data_dir="", format="plain", tokenizer="", n_train=20_000,
+        n_test=1_000, seed=0, buckets=(36,), max_prompt_len=12, batch_size=64))
     c.optim = common.optim_config(lr=3e-3, warmup_steps=30)
     c.steps = 600
     c.log_every = 20
@@ -48,7 +48,8 @@ SCHEMA = {
     "init_from": schema.Str(doc="a stage directory to start from; '' = random initialisation"),
     "model": fields.MODEL, "mesh": fields.MESH,
     "data": fields.data(
-        tokenizer=schema.Str(doc="a sentencepiece .model; '' = the testbed's tokenizer"),
+        tokenizer=schema.Str(doc="a sentencepiece .model or a Hugging Face tokenizer directory; "
+                                 "'' = the testbed's tokenizer"),
         batch_size=fields.BATCH_SIZE),
     "optim": fields.OPTIM,
     **fields.loop(),
@@ -66,15 +67,21 @@ def validate(config):
                    "tokenizer); leave one of them empty")
     common.require(bool(config.init_from or config.data.tokenizer)
                    or config.data.source == "synthetic",
-                   "data.tokenizer is required with data.source='tfds' (the path of a "
-                   "sentencepiece .model), unless init_from gives a checkpoint with its own")
+                   "data.tokenizer is required with data.source='tfds' (a sentencepiece "
+                   ".model or a Hugging Face tokenizer directory), unless init_from gives a "
+                   "checkpoint with its own")
 
 
-def load_tokenizer(config, workdir: Path) -> tokenizer_lib.Tokenizer:
+def load_tokenizer(config, workdir: Path) -> tokenizer_lib.BaseTokenizer:
+    """data.tokenizer: a SentencePiece .model file, or a directory holding a Hugging Face
+    tokenizer (tokenizer.json or tokenizer.model, with its config files); else the testbed's."""
     if config.data.tokenizer:
-        common.require(Path(config.data.tokenizer).is_file(),
-                       f"data.tokenizer={config.data.tokenizer!r} is not a file; give the path "
-                       "of a sentencepiece .model")
+        path = Path(config.data.tokenizer)
+        if path.is_dir():
+            return tokenizer_files.load_pretrained(path)
+        common.require(path.is_file(),
+                       f"data.tokenizer={config.data.tokenizer!r} does not exist; give the path "
+                       "of a sentencepiece .model or of a Hugging Face tokenizer directory")
         return tokenizer_lib.Tokenizer.load(config.data.tokenizer)
     common.require(config.data.source == "synthetic",
                    "data.tokenizer is required unless data.source='synthetic'")
@@ -111,7 +118,8 @@ def train(config, workdir) -> Path:
     train_it = batching.make_iterator(
         common.data_source(config.data, "sft", "train", workdir), kind="sft", tokenizer=tok,
         config=common.batch_config(config.data, batch_size=config.data.batch_size,
-                                   seed=config.seed), name="sft/train")
+                                   seed=config.seed), name="sft/train",
+        format=config.data.format)
 
     # --- model, optimizer, update step ------------------------------------------------------
     optimizer = common.make_optimizer(config.optim, config.steps)
@@ -177,7 +185,8 @@ def train(config, workdir) -> Path:
         test_it = batching.make_iterator(
             common.data_source(config.data, "sft", "test", workdir), kind="sft", tokenizer=tok,
             config=common.batch_config(config.data, batch_size=config.data.batch_size,
-                                       seed=config.seed, shuffle=False), name="sft/test")
+                                       seed=config.seed, shuffle=False), name="sft/test",
+            format=config.data.format)
         losses = [eval_loss(params, common.place_batch(next(test_it), mesh, rules))
                   for _ in range(config.eval_batches)]
         writer.write(step, {"eval/sft_loss": jnp.mean(jnp.stack(losses))})
