@@ -55,6 +55,8 @@ def is_hf_dir(path) -> bool:
     """True for "hf:DIR", or a plain directory that holds a config.json (a Hugging Face
     checkpoint rather than a stage directory)."""
     path = str(path)
+    if not path:
+        return False        # "" is the current directory to Path, not "no checkpoint"
     return path.startswith(PREFIX) or (Path(path) / CONFIG).is_file()
 
 
@@ -105,6 +107,8 @@ def _read_header(path: Path) -> dict[str, TensorInfo]:
         raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
     except (UnicodeDecodeError, json.JSONDecodeError):
         bad("its header is not JSON")
+    if not isinstance(header, dict):
+        bad(f"its header is a JSON {type(header).__name__}, not an object")
     out = {}
     for name, entry in header.items():
         if name == "__metadata__":
@@ -137,10 +141,12 @@ def read_index(directory: Path) -> dict[str, TensorInfo]:
     if (directory / INDEX).is_file():
         try:
             weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
-        except (OSError, ValueError, KeyError, TypeError) as e:
+            files = sorted(set(weight_map.values()))
+            if not all(isinstance(f, str) and f for f in files):
+                raise TypeError("weight_map values must be file names")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             raise CheckpointError(f"{directory / INDEX}: not a readable safetensors index "
                                   f"({type(e).__name__}: {e})") from None
-        files = sorted(set(weight_map.values()))
     elif (directory / SINGLE).is_file():
         files = [SINGLE]
     else:
@@ -160,9 +166,16 @@ def read_index(directory: Path) -> dict[str, TensorInfo]:
 
 
 def write_safetensors(directory: Path, tensors: list[tuple[str, tuple, np.dtype, Callable]], *,
-                      max_shard_bytes: int = 5 * 2**30) -> list[str]:
+                      max_shard_bytes: int = 5 * 2**30, write: bool = True) -> list[str]:
     """Writes tensors (name, shape, dtype, get() -> array) into one file or several shards
-    plus an index; `get` is called once per tensor, when it is written. Returns the files."""
+    plus an index; `get` is called once per tensor, when it is written. Returns the files.
+
+    write=False calls every `get` in the same order and writes nothing: the other processes
+    of a multi-host run, whose `get` takes part in a collective gather."""
+    if not write:
+        for *_, get in tensors:
+            get()
+        return []
     shards, current, size = [], [], 0
     for t in tensors:
         nbytes = math.prod(t[1]) * np.dtype(t[2]).itemsize
@@ -271,7 +284,8 @@ def _rope_fields(c: dict, path, layer_type: str = "full_attention") -> dict:
         return {**out, "rope_type": "llama3", "rope_factor": float(params["factor"]),
                 "rope_low_freq_factor": float(params["low_freq_factor"]),
                 "rope_high_freq_factor": float(params["high_freq_factor"]),
-                "rope_original_max_len": int(params["original_max_position_embeddings"])}
+                "rope_original_max_len": int(params.get("original_max_position_embeddings")
+                                             or c["max_position_embeddings"])}
     _unsupported(path, f"rope scaling {rope_type!r} is not supported (default, linear and "
                        "llama3 are)")
 
@@ -292,7 +306,8 @@ def model_config_from_hf(c: dict, *, path="config.json", dtype: str | None = Non
     if model_type not in FAMILIES:
         _unsupported(path, f"model_type {model_type!r} is not supported")
     fam = FAMILIES[model_type]
-    c = {**fam.defaults, **{k: v for k, v in c.items() if v is not None}}
+    # Defaults fill only absent keys: an explicit null (Gemma 2 soft-caps turned off) stays.
+    c = {**fam.defaults, **c}
     dtype = dtype or checkpoint_dtype(c)
     compute_dtype = compute_dtype or dtype
     for d in (dtype, compute_dtype):
@@ -306,6 +321,8 @@ def model_config_from_hf(c: dict, *, path="config.json", dtype: str | None = Non
             for key in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
                 if c.get(key):
                     _unsupported(path, f"{key}=true is not supported")
+            if c.get("scale_attn_weights") is False:
+                _unsupported(path, "scale_attn_weights=false is not supported")
             d = int(c["n_embd"])
             fields = dict(vocab_size=int(c["vocab_size"]), d_model=d, n_layers=int(c["n_layer"]),
                           n_heads=int(c["n_head"]), n_kv_heads=int(c["n_head"]),
@@ -320,8 +337,11 @@ def model_config_from_hf(c: dict, *, path="config.json", dtype: str | None = Non
                 _unsupported(path, "mlp_bias=true is not supported")
             if c.get("attention_bias") and not fam.options.get("qkv_bias"):
                 _unsupported(path, "attention_bias=true is not supported for this family")
-            if model_type == "qwen2" and c.get("use_sliding_window"):
-                _unsupported(path, "Qwen2 use_sliding_window=true is not supported")
+            if model_type in ("qwen2", "qwen3") and c.get("use_sliding_window"):
+                _unsupported(path, f"{model_type} use_sliding_window=true is not supported")
+            if c.get("use_bidirectional_attention"):
+                _unsupported(path, "use_bidirectional_attention=true (an encoder) is not "
+                                   "supported")
             heads = int(c["num_attention_heads"])
             fields = dict(vocab_size=int(c["vocab_size"]), d_model=int(c["hidden_size"]),
                           n_layers=int(c["num_hidden_layers"]), n_heads=heads,
@@ -336,8 +356,9 @@ def model_config_from_hf(c: dict, *, path="config.json", dtype: str | None = Non
                 n = fields["n_layers"]
                 # Older configs give the pattern instead of the list: Gemma 2 alternates
                 # (layer 0 sliding), Gemma 3 has every sixth layer full.
-                pattern = int(c.get("sliding_window_pattern")
-                              or (6 if model_type == "gemma3_text" else 2))
+                # (transformers' Gemma 2 always alternates, whatever the file says.)
+                pattern = (int(c.get("sliding_window_pattern") or 6)
+                           if model_type == "gemma3_text" else 2)
                 types = c.get("layer_types") or [
                     "sliding_attention" if (i + 1) % pattern else "full_attention"
                     for i in range(n)]
@@ -346,7 +367,9 @@ def model_config_from_hf(c: dict, *, path="config.json", dtype: str | None = Non
                                       for t in types),
                     sliding_window=int(c["sliding_window"]),
                     query_pre_attn_scalar=float(c["query_pre_attn_scalar"]),
-                    attn_softcap=float(c.get("attn_logit_softcapping") or 0.0),
+                    # transformers' Gemma 3 attention ignores attn_logit_softcapping.
+                    attn_softcap=(0.0 if model_type == "gemma3_text"
+                                  else float(c.get("attn_logit_softcapping") or 0.0)),
                     final_softcap=float(c.get("final_logit_softcapping") or 0.0))
                 if model_type == "gemma3_text":
                     # Sliding layers: their own entry of rope_parameters (transformers 5), or
@@ -370,7 +393,7 @@ def model_config_from_hf(c: dict, *, path="config.json", dtype: str | None = Non
     except KeyError as e:
         raise ConfigError(f"{path}: missing the field {e.args[0]!r} that a {model_type} config "
                           "has; is the file complete?") from None
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:
         raise ConfigError(f"{path}: a field has an unexpected value ({e})") from None
 
 
@@ -390,7 +413,8 @@ def family_of(cfg: model_lib.ModelConfig) -> str:
         # The family's options, and every other family option at its default (off).
         want = {**{k: getattr(base, k) for k in _FAMILY_OPTIONS}, **FAMILIES[name].options}
         if all(getattr(cfg, k) == v for k, v in want.items() if k != "tie_embeddings") and (
-                name != "gpt2" or (cfg.tie_embeddings and cfg.n_kv_heads == cfg.n_heads)):
+                name != "gpt2" or (cfg.tie_embeddings and cfg.n_kv_heads == cfg.n_heads
+                                   and cfg.head_size * cfg.n_heads == cfg.d_model)):
             return name
     raise ConfigError("this model's options match no Hugging Face family (gpt2, llama, qwen2, "
                       "qwen3, gemma2, gemma3_text); it cannot be exported")
@@ -438,7 +462,8 @@ def hf_config(cfg: model_lib.ModelConfig, tok, *, kind: str = "policy",
                                      else "full_attention") for i in range(cfg.n_layers)],
                        sliding_window=cfg.sliding_window,
                        query_pre_attn_scalar=_number(cfg.query_pre_attn_scalar),
-                       attn_logit_softcapping=cfg.attn_softcap or None,
+                       attn_logit_softcapping=(cfg.attn_softcap or None) if name == "gemma2"
+                       else None,
                        final_logit_softcapping=cfg.final_softcap or None)
             if name == "gemma3_text":
                 out["rope_parameters"] = {
@@ -447,7 +472,15 @@ def hf_config(cfg: model_lib.ModelConfig, tok, *, kind: str = "policy",
                                           "rope_theta": cfg.rope_local_theta or cfg.rope_theta}}
         if name == "qwen2":
             out["use_sliding_window"] = False
-    out.update(model_type=name, dtype=dtype,
+    if name != "gpt2":
+        # The older spellings too, for readers of transformers 4 configs (vLLM, converters).
+        full = out["rope_parameters"].get("full_attention", out["rope_parameters"])
+        out["rope_theta"] = full["rope_theta"]
+        if full["rope_type"] != "default":
+            out["rope_scaling"] = {k: v for k, v in full.items() if k != "rope_theta"}
+        if name == "gemma3_text":
+            out["rope_local_base_freq"] = cfg.rope_local_theta or cfg.rope_theta
+    out.update(model_type=name, dtype=dtype, torch_dtype=dtype,
                architectures=[fam.classifier if kind == "reward" else fam.causal_lm], **special)
     if kind == "reward":
         out.update(num_labels=1, id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0})
@@ -644,10 +677,18 @@ def load(directory, *, kind: str = "policy", dtype: str | None = None, mesh=None
     tok = None
     if tokenizer:
         tok = tokenizer_files.load_pretrained(directory)
-        if tok.vocab_size > cfg.vocab_size:
-            raise ConfigError(f"{directory}: the tokenizer has {tok.vocab_size} tokens but the "
-                              f"model's vocab_size is {cfg.vocab_size} ({CONFIG}); the "
-                              "tokenizer files do not belong to this model")
+        # The tokenizer's own vocabulary and every id it writes must have an embedding row;
+        # added tokens beyond the table (Gemma 3's image tokens) are allowed.
+        too_big = sorted(i for i in tok.special_ids() if i >= cfg.vocab_size)
+        if tok.core_vocab_size > cfg.vocab_size or too_big:
+            what = (f"special ids {too_big}" if too_big else f"{tok.core_vocab_size} tokens")
+            raise ConfigError(f"{directory}: the tokenizer has {what} but the model's "
+                              f"vocab_size is {cfg.vocab_size} ({CONFIG}); the tokenizer files "
+                              "do not belong to this model")
+    if kind == "policy" and "score.weight" in index:
+        raise CheckpointError(f"{directory}: a sequence-classification (reward) checkpoint "
+                              "(it has score.weight), not a language model; load it with "
+                              "kind='reward'")
     if kind == "reward" and "score.weight" in index:
         labels = c.get("id2label") or {"0": "LABEL_0"}
         n_labels = int(c.get("num_labels") or len(labels))
@@ -741,10 +782,13 @@ def save(directory, params, model_cfg: model_lib.ModelConfig, tokenizer, *, kind
                                   for p in g.paths]))
         entries.append((g.hf_name, tuple(shape), np_dtype,
                         lambda g=g: g.to_hf([_host(flat[p]) for p in g.paths])))
-    if jax.process_index() == 0:
+    writer = jax.process_index() == 0
+    if writer:
         for stale in (INDEX, SINGLE, *(p.name for p in directory.glob("model-*.safetensors"))):
             (directory / stale).unlink(missing_ok=True)     # a previous export's weights
-        write_safetensors(directory, entries, max_shard_bytes=max_shard_bytes)
+    # Every process gathers each tensor (a collective on a multi-host mesh); process 0 writes.
+    write_safetensors(directory, entries, max_shard_bytes=max_shard_bytes, write=writer)
+    if writer:
         config = hf_config(model_cfg, tokenizer, kind=kind, dtype=dtype)
         (directory / CONFIG).write_text(json.dumps(config, indent=2))
         if kind == "policy":

@@ -126,6 +126,11 @@ class ModelConfig:
     def __post_init__(self):
         # JSON (checkpoint meta) turns tuples into lists; a frozen config must stay hashable.
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        small = [f"{f}={getattr(self, f)}" for f in ("d_model", "n_layers", "n_heads",
+                                                      "n_kv_heads", "d_ff", "max_len")
+                 if getattr(self, f) < 1]
+        if small:
+            raise ConfigError(f"invalid model config: {', '.join(small)}; sizes must be >= 1")
         problems = []
         if not self.head_dim and self.d_model % self.n_heads:
             problems.append(f"d_model={self.d_model} must be divisible by n_heads={self.n_heads}"

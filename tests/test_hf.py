@@ -372,3 +372,46 @@ def test_models_trained_here_export_as_the_family_they_match():
     assert hf.family_of(M.get_config("tiny", qkv_bias=True)) == "qwen2"
     with pytest.raises(ConfigError, match="match no Hugging Face family"):
         hf.family_of(M.get_config("tiny", post_norms=True))
+
+
+def test_config_reader_follows_transformers_on_edge_cases(checkpoints):
+    """Explicit nulls, options transformers ignores, fallbacks it applies, and the options it
+    has that this model does not (refused, naming the file)."""
+    gemma2 = json.loads((checkpoints["gemma2"][0] / "config.json").read_text())
+    cfg = hf.model_config_from_hf({**gemma2, "attn_logit_softcapping": None,
+                                   "final_logit_softcapping": None})
+    assert cfg.attn_softcap == 0 and cfg.final_softcap == 0      # null is off, not the default
+    assert hf.model_config_from_hf({**gemma2, "sliding_window_pattern": 6}).layer_types == (
+        "sliding", "full", "sliding")                              # Gemma 2 always alternates
+    gemma3 = json.loads((checkpoints["gemma3_text"][0] / "config.json").read_text())
+    assert hf.model_config_from_hf({**gemma3, "attn_logit_softcapping": 20.0}).attn_softcap == 0
+    llama = json.loads((checkpoints["llama"][0] / "config.json").read_text())
+    rope = {k: v for k, v in llama["rope_parameters"].items()
+            if k != "original_max_position_embeddings"}
+    assert hf.model_config_from_hf({**llama, "rope_parameters": rope}).rope_original_max_len == 64
+    qwen3 = json.loads((checkpoints["qwen3"][0] / "config.json").read_text())
+    gpt2 = json.loads((checkpoints["gpt2"][0] / "config.json").read_text())
+    for bad, match in [({**qwen3, "use_sliding_window": True}, "use_sliding_window"),
+                       ({**gemma2, "use_bidirectional_attention": True}, "bidirectional"),
+                       ({**gpt2, "scale_attn_weights": False}, "scale_attn_weights"),
+                       ({**llama, "num_attention_heads": 0}, "n_heads=0"),
+                       ({**llama, "mlp_bias": True}, "mlp_bias")]:
+        with pytest.raises(ConfigError, match=match):
+            hf.model_config_from_hf(bad, path="x/config.json")
+    assert not hf.is_hf_dir("")            # the default init_from, never the current directory
+
+
+def test_export_writes_both_config_spellings(loaded, tmp_path):
+    _, params, cfg, _ = loaded["llama"]
+    hf.save(tmp_path, params, cfg, _TinyTokenizer(), write_tokenizer=False)
+    c = json.loads((tmp_path / "config.json").read_text())
+    assert c["rope_theta"] == 500000.0 and c["rope_scaling"]["rope_type"] == "llama3"
+    assert c["torch_dtype"] == c["dtype"] == "float32"
+
+
+def test_a_safetensors_header_that_is_not_an_object(checkpoints, tmp_path):
+    d = _copy(checkpoints, "gpt2", tmp_path)
+    header = b"[]      "
+    (d / "model.safetensors").write_bytes(len(header).to_bytes(8, "little") + header)
+    with pytest.raises(CheckpointError, match="header is a JSON list"):
+        hf.load(d, tokenizer=False)

@@ -221,3 +221,15 @@ def test_a_testbed_model_trained_here_exports_to_transformers(workdir, tmp_path)
         ref = m(torch.tensor([ids])).logits.numpy()
     ours = np.asarray(M.apply(graphdef, params, jnp.asarray([ids]))[0])
     np.testing.assert_allclose(ours, ref, atol=1e-4, rtol=0)
+
+
+def test_checkpoints_written_before_new_config_keys_still_resume(tmp_path):
+    """data.format and norm.policy_from came after checkpoints were written: a saved config
+    without them was run as their neutral values are, so it resumes."""
+    config = reward_exp.get_config("smoke")
+    saved = config.to_dict()
+    del saved["data"]["format"], saved["norm"]["policy_from"]
+    common.check_same_config({"config": saved}, config, tmp_path)
+    config.data.format = "chat"
+    with pytest.raises(Exception, match="data.format"):
+        common.check_same_config({"config": saved}, config, tmp_path)

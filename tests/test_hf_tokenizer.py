@@ -325,8 +325,13 @@ def test_chat_prompt_plus_response_is_the_rendering_of_the_conversation(request,
     response = "日本語 😀 🦀"
     messages = records.hh_to_messages(prompt) + [{"role": "assistant", "content": response}]
     want = hf.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-    assert enc.prompt(prompt) + enc.response(response) == want
-    end = {"qwen": "<|im_end|>\n", "gemma": "<end_of_turn>\n"}[name]
+    # ... up to the reply's end-of-turn token, where generation stops too (the template's
+    # newline after it opens the next turn), so a reward model reads trained and sampled
+    # responses at the same token.
+    cut = max(i for i, t in enumerate(want) if t in tok.stop_ids) + 1
+    assert len(want) - cut == 1
+    assert enc.prompt(prompt) + enc.response(response) == want[:cut]
+    end = {"qwen": "<|im_end|>", "gemma": "<end_of_turn>"}[name]
     assert _raw_decode(tok, enc.response(response)) == response + end
     assert tok.decode(enc.response(response)) == response   # cut at the end-of-turn id
 

@@ -43,6 +43,12 @@ def export(stage: str, out: str, *, dtype: str | None = None, drop_reward_bias: 
         raise ConfigError(f"--stage {stage!r} holds a {kind} model; only policies and reward "
                           "models have a transformers class to export to")
     _, params, model_cfg, tok, _ = common.load_stage(stage, kind=kind, key="--stage")
+    if kind == "reward" and tok.pad_id == tok.eos_id:
+        # transformers' classifiers score the last token that is not pad_token_id: with pad ==
+        # eos they read the token before a trailing EOS, where this reward model reads the EOS.
+        print(f"warning: the tokenizer's pad and eos are one id ({tok.eos_id}); transformers "
+              "will score responses one token before their EOS. Score text without a trailing "
+              "EOS there, or give the tokenizer its own pad token", file=sys.stderr)
     hf.save(out, params, model_cfg, tok, kind=kind, dtype=dtype,
             max_shard_bytes=max_shard_bytes, drop_head_bias=drop_reward_bias)
     return out, kind
@@ -63,6 +69,10 @@ def main(argv=None) -> int:
                            max_shard_bytes=int(args.max_shard_gb * 2**30))
     except UserError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+        return 2
+    except OSError as e:        # --out is a file, or not writable
+        print(f"error: --out {args.out!r}: {e.strerror or e}; choose a writable directory",
+              file=sys.stderr)
         return 2
     print(f"exported {kind} {args.stage} -> {out} ({time.perf_counter() - t0:.1f} s)")
     return 0

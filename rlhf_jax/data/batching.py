@@ -167,9 +167,16 @@ class TextEncoder:
         return ids.tolist()
 
     def response(self, text: str) -> list[int]:
-        """Response text -> ids, ending with eos (or the template's end of turn)."""
+        """Response text -> ids, ending with eos (or the template's end of turn).
+
+        With a chat template the reply is closed the template's way and cut after its first
+        stop id (`<|im_end|>`, `<end_of_turn>`): generation stops there too, so a reward model
+        reads a trained response and a sampled one at the same token. Whatever the template
+        writes after it (ChatML's newline) belongs to the next turn's text."""
         if self.format == "chat" and self.tok.chat_template is not None:
-            return self.tok.chat_response_ids(text)
+            ids = self.tok.chat_response_ids(text)
+            stops = [i for i, t in enumerate(ids) if t in self.tok.stop_ids]
+            return ids[:stops[0] + 1] if stops else ids
         ids = self.tok.encode(text)
         if self.format == "chat":
             ids += self.tok.marker_ids(self.chat.end)

@@ -118,6 +118,26 @@ class BaseTokenizer:
             int(i) for i in [self.eos_id, *stop_ids] if i is not None))
         self.chat_template = chat_template or None
 
+    @property
+    def core_vocab_size(self) -> int:
+        """Ids below this are the model's own vocabulary; added tokens may lie above it (Gemma
+        3's image tokens beyond its text embedding table)."""
+        return self.vocab_size
+
+    def special_ids(self) -> set[int]:
+        """Every id this tokenizer writes on its own: bos/eos/pad/unk, prefix and stop ids."""
+        ids = {self.bos_id, self.eos_id, self.pad_id, self.unk_id, *self.prefix_ids,
+               *self.stop_ids}
+        return {i for i in ids if i is not None}
+
+    def same_ids(self, other: "BaseTokenizer") -> bool:
+        """True when `other` maps every id to the same piece and has the same special ids: the
+        token ids of one are the token ids of the other (templates and settings aside)."""
+        if (self.vocab_size != other.vocab_size or self.eos_id != other.eos_id
+                or self.bos_id != other.bos_id or self.prefix_ids != other.prefix_ids):
+            return False
+        return all(self.id_to_piece(i) == other.id_to_piece(i) for i in range(self.vocab_size))
+
     # -- backend hooks ----------------------------------------------------------------------
     def _encode_text(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -580,6 +600,10 @@ class HFTokenizer(BaseTokenizer):
         self._configure(vocab_size=max(vocab.values(), default=-1) + 1, bos_id=bos_id,
                         eos_id=eos_id, pad_id=pad_id, unk_id=unk_id, prefix_ids=prefix_ids,
                         stop_ids=stop_ids, chat_template=chat_template)
+
+    @property
+    def core_vocab_size(self) -> int:
+        return self.tk.get_vocab_size(with_added_tokens=False)
 
     @classmethod
     def from_str(cls, tokenizer_json: str, **settings) -> "HFTokenizer":

@@ -116,6 +116,11 @@ RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batc
                      "size")
 
 
+# Config keys added after checkpoints were written, with the value that behaves as before: a
+# checkpoint without the key was run that way.
+ADDED_KEYS = {"data.format": "plain", "norm.policy_from": ""}
+
+
 def _flat(tree, prefix=""):
     if isinstance(tree, dict):
         return {k: v for key, sub in tree.items() for k, v in _flat(sub, f"{prefix}{key}.").items()}
@@ -133,6 +138,9 @@ def check_same_config(meta: dict, config, stage_dir) -> None:
     def free(key):
         return any(key == f or key.startswith(f + ".") for f in RESUMABLE_CHANGES)
 
+    for key, neutral in ADDED_KEYS.items():
+        if key not in saved and key in now:
+            saved[key] = neutral
     diff = {k: (saved.get(k), now.get(k)) for k in sorted(set(saved) | set(now))
             if not free(k) and saved.get(k) != now.get(k)}
     if diff:
@@ -241,8 +249,7 @@ def token_testbed(data, tok):
     if data.source != "synthetic":
         return None
     bed = testbed()
-    same = tokenizer_lib.to_meta(tok) == tokenizer_lib.to_meta(bed.tokenizer)
-    return bed if same else None
+    return bed if tok.same_ids(bed.tokenizer) else None
 
 
 def data_source(data, kind: str, split: str, workdir: Path):
@@ -440,9 +447,12 @@ def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
                 f"{shown} is a causal LM checkpoint with no reward head (score.weight); give "
                 "a *ForSequenceClassification checkpoint or a reward stage directory")
         load_kind = "policy" if kind == "policy" else "reward"
-        graphdef, params, cfg, tok = hf.load(
-            directory, kind=load_kind, dtype="float32", compute_dtype=hf.checkpoint_dtype(c),
-            mesh=mesh, rules=rules, seed=seed)
+        # bf16 checkpoints compute in bf16; float16 ones in float32 (fp16 training would need
+        # loss scaling, which the trainers do not do).
+        compute = "bfloat16" if hf.checkpoint_dtype(c) == "bfloat16" else "float32"
+        graphdef, params, cfg, tok = hf.load(directory, kind=load_kind, dtype="float32",
+                                             compute_dtype=compute, mesh=mesh, rules=rules,
+                                             seed=seed)
     except (ConfigError, CheckpointError) as e:       # a DataError names its file already
         message = str(e)
         raise type(e)(message if message.startswith(shown) else f"{shown}: {message}") \

@@ -341,7 +341,7 @@ def train(config, workdir) -> Path:
     policy_graphdef, policy_params, _, policy_tok, _ = common.load_stage(
         policy_from, kind="policy", mesh=mesh, rules=rules, seed=config.seed,
         key="norm.policy_from" if config.norm.policy_from else "init_from")
-    common.require(common.tokenizer_to_meta(policy_tok) == common.tokenizer_to_meta(tok),
+    common.require(policy_tok.same_ids(tok),
                    f"norm.policy_from={str(policy_from)!r} uses another tokenizer than the "
                    "reward model; the normalisation scores the policy's tokens directly")
     samples = sample_policy(config, workdir, (policy_graphdef, policy_params), tok, mesh, rules)

@@ -193,7 +193,7 @@ def train(config, workdir) -> Path:
         reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules,
                                    key="reward_from")
         sources["reward_from"] = reward[4]["source"]
-        common.require(common.tokenizer_to_meta(reward[3]) == common.tokenizer_to_meta(tok),
+        common.require(reward[3].same_ids(tok),
                        f"reward_from={rm_dir!r} uses another tokenizer than the policy "
                        f"({sft_dir!r}); the reward model scores the policy's tokens directly, "
                        "so both must come from the same tokenizer")
