@@ -16,65 +16,13 @@ with a reward model, one reward forward pass.
 Shapes: B prompts, N = B * n samples, P prompt length, L = max_new_tokens, m samples per prompt.
 """
 
-import functools
 import math
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import model, sampling
-from rlhf_jax.data import synthetic
-
-
-def completion_logps(graphdef, params, seq, seq_mask, completion, completion_mask, *,
-                     temperature: float = 1.0):
-    """log pi(y_t | x, y_<t) of each completion token. seq = [prompt (P, left-padded), completion
-    (L)]; logits at position P - 1 + j predict completion token j. Returns [N, L] (0 off-mask)."""
-    p = seq.shape[1] - completion.shape[1]
-    logits, _ = model.apply(graphdef, params, seq, mask_bt=seq_mask)
-    return model.token_logprobs(logits[:, p - 1:-1], completion, completion_mask,
-                                temperature=temperature)
-
-
-def join(prompt_tokens, prompt_mask, completion, completion_mask):
-    """[prompt | completion] sequences and masks: ([N, P+L], [N, P+L] int32)."""
-    seq = jnp.concatenate([prompt_tokens, completion], axis=1)
-    seq_mask = jnp.concatenate([prompt_mask, completion_mask], axis=1).astype(jnp.int32)
-    return seq, seq_mask
-
-
-def gold_mask(prompt_mask, completion_mask):
-    """The gold reward scores completion tokens only; the prompt is context."""
-    return jnp.concatenate([jnp.zeros_like(prompt_mask), completion_mask], axis=1).astype(
-        jnp.int32)
-
-
-@functools.lru_cache(maxsize=16)
-def _scorer(graphdef, reward_graphdef, temperature: float, eos_id: tuple, with_kl: bool,
-            with_rm: bool, with_gold: bool):
-    """One compiled scoring function per (models, options), shared by every Evaluator in the
-    process (the RL trainer's, the preference trainer's and the quickstart's)."""
-
-    @jax.jit
-    def score(ref_params, rm_params, tables, prompt_tokens, prompt_mask, completion,
-              completion_mask, logps):
-        seq, seq_mask = join(prompt_tokens, prompt_mask, completion, completion_mask)
-        out = {"length": jnp.sum(completion_mask, axis=1),
-               "eos": jnp.any(sampling.is_stop(completion, eos_id) & (completion_mask > 0),
-                              axis=1)}
-        if with_kl:
-            ref = completion_logps(graphdef, ref_params, seq, seq_mask, completion,
-                                   completion_mask, temperature=temperature)
-            out["kl"] = jnp.sum((logps - ref) * completion_mask, axis=1)
-        if with_rm:
-            out["rm"] = model.apply_reward(reward_graphdef, rm_params, seq, mask_bt=seq_mask)
-        if with_gold:
-            out["gold"] = synthetic.gold_reward_from_tables(
-                tables, seq, gold_mask(prompt_mask, completion_mask))
-        return out
-
-    return score
+from rlhf_jax import rewards as rewards_lib, rollout
 
 
 class Evaluator:
@@ -124,7 +72,11 @@ class Evaluator:
     def num_prompts(self) -> int:
         return len(self.tokens)
 
-    def samples(self, params, rng, *, n: int = 1, kl: bool = True, prompts: int = 0
+    # What `samples` returns, from the rollout's keys.
+    _KEYS = {"length": "length", "eos": "eos", "kl": "kl", "rm": "reward/model",
+             "gold": "reward/gold"}
+
+    def samples(self, policy, rng, *, n: int = 1, kl: bool = True, prompts: int = 0
                 ) -> dict[str, np.ndarray]:
         """n samples per prompt, scored: arrays of [num_prompts * n] ordered prompt-major
         (prompts > 0: only the first `prompts` prompts).
@@ -133,9 +85,13 @@ class Evaluator:
         call compiles at most two shapes; chunk i uses the key fold_in(rng, i), so two policies
         evaluated with the same rng share their random numbers. kl=False skips the reference
         pass (best-of-n of the reference itself needs no KL)."""
-        score = _scorer(self.graphdef, None if self.reward is None else self.reward[0],
-                        self.temperature, sampling.stop_ids(self.eos_id), kl,
-                        self.reward is not None, self.testbed is not None)
+        terms = rewards_lib.parse("model") if self.reward is not None else ()
+        monitor = rewards_lib.parse("gold") if self.testbed is not None else ()
+        params = {"ref": self.ref_params} if kl else {}
+        if self.reward is not None:
+            params["reward"] = self.reward[1]
+        if self.testbed is not None:
+            params["tables"] = self.testbed.tables
         num = min(prompts, self.num_prompts) if prompts > 0 else self.num_prompts
         total = num * n
         chunk = min(self.max_rows, total)
@@ -145,15 +101,16 @@ class Evaluator:
         for i in range(len(rows) // chunk):
             idx = rows[i * chunk:(i + 1) * chunk]
             placed = self.place({"tokens": self.tokens[idx], "mask": self.mask[idx]})
-            tokens, mask = placed["tokens"], placed["mask"]
-            completion, completion_mask, logps = sampling.generate(
-                (self.graphdef, params), tokens, mask, jax.random.fold_in(rng, i),
+            # The sampler's own log-probs serve as log pi (no second policy forward).
+            r = rollout.sample_and_score(
+                graphdef=self.graphdef, terms=terms, monitor=monitor,
+                params={"policy": policy, **params}, prompt=placed["tokens"],
+                prompt_mask=placed["mask"], rng=jax.random.fold_in(rng, i),
                 max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                eos_id=self.eos_id, pad_id=self.pad_id)
-            out.append(jax.device_get(score(
-                self.ref_params, None if self.reward is None else self.reward[1],
-                None if self.testbed is None else self.testbed.tables, tokens, mask,
-                completion, completion_mask.astype(jnp.int32), logps)))
+                stop_ids=self.eos_id, pad_id=self.pad_id,
+                reward_graphdef=None if self.reward is None else self.reward[0])
+            out.append(jax.device_get({name: r[key] for name, key in self._KEYS.items()
+                                       if key in r}))
         return {k: np.concatenate([np.asarray(o[k]) for o in out])[:total] for k in out[0]}
 
     def policy_metrics(self, params, rng, *, n: int = 1) -> dict[str, float]:

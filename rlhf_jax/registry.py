@@ -22,6 +22,8 @@ Kinds and the calling convention of their functions:
   kl_estimator  (*, logps, ref_logps) -> per-token estimate
   kl_controller (state, *, kl, n_steps, ...) -> state
   loss_agg      (per_token, mask) -> (sum, denominator)
+  reward        (*, [seq, seq_mask, prompt_mask, completion, completion_mask, reward_model,
+                tables, texts], ...) -> scores [N]   (rlhf_jax/rewards.py)
 
 Within a kind the functions take different subsets of the inputs a trainer has (SimPO needs no
 reference log-probs, GAE needs values, GRPO a group size). `call(fn, **available)` passes each
@@ -38,7 +40,7 @@ from typing import Any, Callable
 from rlhf_jax.errors import ConfigError
 
 KINDS = ("reward_loss", "pref_loss", "policy_loss", "advantage", "kl_estimator",
-         "kl_controller", "loss_agg")
+         "kl_controller", "loss_agg", "reward")
 
 # Modules whose import registers functions; loaded on the first lookup so that the registry
 # itself imports nothing and can be imported from any of them.

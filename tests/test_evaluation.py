@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from rlhf_jax import evaluation
+from rlhf_jax import evaluation, rollout
 from rlhf_jax import model as M
 from rlhf_jax import sampling
 
@@ -94,10 +94,10 @@ def test_evaluator_kl_matches_two_forward_passes_and_drops_padding_rows(tiny):
     completion, cmask, _ = sampling.generate((graphdef, policy), tokens, mask,
                                              jax.random.fold_in(key, 0), max_new_tokens=8,
                                              eos_id=EOS, pad_id=PAD)
-    seq, seq_mask = evaluation.join(tokens, mask, completion, cmask)
+    seq, seq_mask = rollout.join(tokens, mask, completion, cmask)
     cm = cmask.astype(jnp.int32)
-    lp = evaluation.completion_logps(graphdef, policy, seq, seq_mask, completion, cm)
-    lr = evaluation.completion_logps(graphdef, ref, seq, seq_mask, completion, cm)
+    lp = rollout.completion_logps(graphdef, policy, seq, seq_mask, completion, cm)
+    lr = rollout.completion_logps(graphdef, ref, seq, seq_mask, completion, cm)
     np.testing.assert_allclose(s["kl"], np.sum(lp - lr, axis=1), atol=1e-4)
     assert ev.policy_metrics(ref, key)["objective/kl"] == pytest.approx(0.0, abs=1e-4)
 

@@ -75,6 +75,22 @@ def test_variants_run_and_log(sft_workdir, get_config, overrides):
     assert meta["model_kind"] == "policy" and meta["step"] == 4
 
 
+def test_a_reward_expression_mixes_token_and_text_rewards(sft_workdir):
+    """reward = gold shaped by DAPO's overlong term (tokens, in the rollout's jit) and a regex
+    format check (decoded text, on the host): each term is logged on its own, the host cost
+    under time/, and the optimised score is their weighted sum."""
+    config = _config(grpo_exp.get_config, sft_workdir, stage="shaped", eval_every=0,
+                     reward="gold - 0.5*overlong(max_len=12, cache=4) + 0.2*regex(pattern='e')")
+    rows = [r for r in read_metrics(ppo_exp.main(config, sft_workdir)) if "objective/kl" in r]
+    for key in ("gold/reward", "reward/overlong", "reward/regex", "time/reward_host_s"):
+        assert np.isfinite(rows[-1][key]), key
+    assert -1 <= rows[-1]["reward/overlong"] <= 0 and 0 <= rows[-1]["reward/regex"] <= 1
+    for r in rows:   # the weighted sum, less missing_eos_penalty (1.0) where no EOS came
+        assert r["objective/scores"] == pytest.approx(
+            r["gold/reward"] - 0.5 * r["reward/overlong"] + 0.2 * r["reward/regex"]
+            - 1.0 * (1.0 - r["response/eos_rate"]), abs=1e-5)
+
+
 def _ppo_cmd(workdir, stage):
     return [sys.executable, "-m", "experiments.ppo", "--workdir", str(workdir),
             "--config.size=smoke", "--config.reward=gold", f"--config.stage={stage}",

@@ -51,7 +51,8 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import checkpoint, hf, metrics as metrics_lib, model, registry, sampling, schema
+from rlhf_jax import checkpoint, hf, metrics as metrics_lib, model, registry, schema
+from rlhf_jax import rewards as rewards_lib, rollout
 from rlhf_jax.data import batching, records
 from rlhf_jax.trainers import common, fields
 
@@ -421,26 +422,26 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
                                     max_prompt_len=prompt_len, seed=config.seed),
         name="prompts/train", format=config.data.format)
     bed = common.token_testbed(config.data, tok)     # gold scores need the testbed's tokens
-    gold_fn = bed.gold_reward if bed is not None else None
+    monitor = rewards_lib.parse("gold") if bed is not None else ()
+    params = {"policy": policy[1]}
+    if bed is not None:
+        params["tables"] = bed.tables
     rng = jax.random.key(config.seed)
     tokens, masks, golds, n = [], [], [], 0
     while n < norm.n_samples:
         host = next(prompts_it)
         batch = common.place_batch({k: host[k] for k in ("tokens", "mask")}, mesh, rules)
         rng, key = jax.random.split(rng)
-        comp, comp_mask, _ = sampling.generate(
-            policy, batch["tokens"], batch["mask"], key, max_new_tokens=new_tokens,
-            temperature=float(norm.temperature), eos_id=tok.stop_ids, pad_id=tok.pad_id)
-        seq = jnp.concatenate([batch["tokens"], comp], axis=1)
-        seq_mask = jnp.concatenate([batch["mask"].astype(jnp.int32),
-                                    comp_mask.astype(jnp.int32)], axis=1)
-        tokens.append(np.asarray(seq))
-        masks.append(np.asarray(seq_mask))
-        if gold_fn is not None:
-            completion_mask = jnp.concatenate([jnp.zeros_like(batch["mask"], jnp.int32),
-                                               comp_mask.astype(jnp.int32)], axis=1)
-            golds.append(np.asarray(gold_fn(seq, completion_mask)))
-        n += seq.shape[0]
+        r = rollout.sample_and_score(
+            graphdef=policy[0], terms=(), monitor=monitor, params=params,
+            prompt=batch["tokens"], prompt_mask=batch["mask"], rng=key,
+            max_new_tokens=new_tokens, temperature=float(norm.temperature),
+            stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+        tokens.append(np.asarray(r["seq"]))
+        masks.append(np.asarray(r["seq_mask"]))
+        if bed is not None:
+            golds.append(np.asarray(r["reward/gold"]))
+        n += r["seq"].shape[0]
     # The last batch may overshoot n_samples; keep every sample (they are all from the policy).
     return {"tokens": tokens, "mask": masks,
             "gold": np.concatenate(golds) if golds else None}

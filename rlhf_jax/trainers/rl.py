@@ -32,11 +32,11 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import advantages as adv_lib
-from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry, sampling
-from rlhf_jax import schema
+from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry
+from rlhf_jax import rewards as rewards_lib, rollout as rollout_lib, schema
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.aggregation import aggregate
-from rlhf_jax.data import batching, synthetic
+from rlhf_jax.data import batching
 from rlhf_jax.trainers import common, fields
 
 
@@ -83,8 +83,11 @@ SCHEMA = {
     "init_from": schema.Str(doc="the SFT stage directory (policy init and reference); "
                                 "'' = WORKDIR/sft"),
     "reward_from": schema.Str(doc="the reward-model stage directory; '' = WORKDIR/rm"),
-    "reward": schema.Choice("model", "gold", doc="the reward model r_phi, or the testbed's "
-                                                 "gold reward (PPO-GT)"),
+    "reward": rewards_lib.Expression(doc="what the policy optimises: 'model' (r_phi from "
+                                         "reward_from), 'gold' (the testbed's r*), or a "
+                                         "weighted sum of sources, e.g. 'model + "
+                                         "0.1*length_penalty(target=20)' (docs/"
+                                         "implementation_details.md)"),
     "mesh": fields.MESH,
     "data": fields.data(),
     "rollout": {
@@ -129,11 +132,12 @@ def validate(config) -> int:
     schema.check(config, SCHEMA)
     r = config.rollout
     common.check_data(config.data, batch_size=r.prompts_per_step)
-    common.require(config.reward == "model" or not config.reward_from,
-                   "reward_from is not used with reward='gold'; leave it empty or set "
-                   "reward='model'")
-    common.require(config.reward == "model" or config.data.source == "synthetic",
-                   "reward='gold' needs the synthetic testbed (data.source='synthetic')")
+    sources_used = rewards_lib.names(config.reward)
+    common.require("model" in sources_used or not config.reward_from,
+                   f"reward_from is not used with reward={config.reward!r}; leave it empty or "
+                   "add the 'model' term to reward")
+    common.require("gold" not in sources_used or config.data.source == "synthetic",
+                   "the 'gold' reward needs the synthetic testbed (data.source='synthetic')")
     n = r.prompts_per_step * r.samples_per_prompt
     common.require(n % config.ppo.minibatches == 0,
                    f"rollout size {n} (prompts_per_step x samples_per_prompt) is not divisible "
@@ -170,6 +174,17 @@ def validate(config) -> int:
     return n
 
 
+# Reward terms logged under the names the rest of the pipeline reads.
+_METRIC_NAMES = {"model": "rm/score", "gold": "gold/reward"}
+
+
+def reward_metrics(rollout: dict) -> dict:
+    """Batch means of each reward term of a rollout: rm/score (the reward model), gold/reward
+    (the testbed), reward/<name> for the others."""
+    return {_METRIC_NAMES.get(k.split("/", 1)[1], k): jnp.mean(v) for k, v in rollout.items()
+            if k.startswith("reward/")}
+
+
 def train(config, workdir) -> Path:
     workdir = Path(workdir)
     stage_dir = workdir / config.stage
@@ -187,8 +202,9 @@ def train(config, workdir) -> Path:
     policy_params = jax.tree.map(jnp.copy, ref_params)
     adv_fn = registry.get("advantage", config.advantage)
     uses_critic = registry.accepts(adv_fn, "values")
+    terms = rewards_lib.parse(config.reward)
     reward = None
-    if config.reward == "model":
+    if "model" in rewards_lib.names(config.reward):
         rm_dir = config.reward_from or str(workdir / "rm")
         reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules,
                                    key="reward_from")
@@ -211,11 +227,17 @@ def train(config, workdir) -> Path:
     else:
         value_graphdef, value_params = None, {}
     testbed = common.token_testbed(config.data, tok)
-    common.require(config.reward != "gold" or testbed is not None,
+    common.require("gold" not in rewards_lib.names(config.reward) or testbed is not None,
                    "reward='gold' scores the testbed's own token ids, and this policy "
                    f"({config.init_from or 'WORKDIR/sft'}) uses another tokenizer; use "
                    "reward='model' with reward_from, or start from a testbed SFT stage")
-    tables = None if testbed is None else testbed.tables
+    # On the testbed the gold reward is logged beside whatever the policy optimises.
+    monitor = rewards_lib.parse("gold") if testbed is not None else ()
+    score_params = {"ref": ref_params}
+    if testbed is not None:
+        score_params["tables"] = {k: jnp.asarray(v) for k, v in testbed.tables.items()}
+    if reward is not None:
+        score_params["reward"] = reward[1]
     p_len = max(config.data.buckets)
     common.require(p_len + r.max_new_tokens <= model_cfg.max_len,
                    f"prompt bucket {p_len} + rollout.max_new_tokens {r.max_new_tokens} exceeds "
@@ -233,44 +255,17 @@ def train(config, workdir) -> Path:
     controller = registry.get("kl_controller", config.kl.controller)
     kl_estimator = config.kl.estimator
 
-    # --- rollout scoring: old, reference, values, reward (one jit) ------------------------------
-    def score(policy_params, ref_params, value_params, rm_params, prompt, prompt_mask,
-              completion, completion_mask):
-        seq, seq_mask = evaluation.join(prompt, prompt_mask, completion, completion_mask)
-        logps = evaluation.completion_logps(graphdef, policy_params, seq, seq_mask, completion,
-                                            completion_mask, temperature=r.temperature)
-        ref_logps = evaluation.completion_logps(graphdef, ref_params, seq, seq_mask, completion,
-                                                completion_mask, temperature=r.temperature)
-        has_eos = jnp.any(sampling.is_stop(completion, tok.stop_ids) & (completion_mask > 0),
-                          axis=1)
-        out = {"seq": seq, "seq_mask": seq_mask, "logps": logps, "ref_logps": ref_logps,
-               "has_eos": has_eos}
-        if tables is not None:
-            out["gold"] = synthetic.gold_reward_from_tables(
-                tables, seq, evaluation.gold_mask(prompt_mask, completion_mask))
-        if rm_params is not None:
-            out["rm"] = model.apply_reward(reward[0], rm_params, seq, mask_bt=seq_mask)
-        scores = out["gold"] if config.reward == "gold" else out["rm"]
-        scores = scores - config.missing_eos_penalty * (~has_eos).astype(jnp.float32)
+    # --- targets: scores, per-token rewards, advantages, returns of a scored rollout ----------
+    def make_targets(rollout, completion_mask, kl_coef):
+        """(advantages, returns, scores) of a rollout from `rollout.sample_and_score`."""
+        m = completion_mask
+        scores = rollout["reward"] - config.missing_eos_penalty * (
+            ~rollout["eos"]).astype(jnp.float32)
         if config.reward_clip:
             scores = jnp.clip(scores, -config.reward_clip, config.reward_clip)
-        out["scores"] = scores
-        if uses_critic:
-            values = model.apply_value(value_graphdef, value_params, seq, mask_bt=seq_mask)
-            out["values"] = values[:, p_len - 1:-1] * completion_mask
-        for kind in ("k1", "k3"):  # sequence-level KL to the reference, for the metrics
-            out[f"seq_kl_{kind}"] = jnp.sum(kl_lib.estimate(
-                logps=logps, ref_logps=ref_logps, kind=kind, mask=completion_mask), axis=1)
-        return out
-
-    score = jax.jit(score)
-
-    def make_targets(rollout, completion_mask, kl_coef):
-        """Per-token rewards, advantages and returns of a scored rollout."""
-        m = completion_mask
         # KL as a shaped reward, or (kl.in_reward=False) only the score, the KL going to the loss.
         rewards = adv_lib.kl_shaped_rewards(
-            scores=rollout["scores"], logps=rollout["logps"], ref_logps=rollout["ref_logps"],
+            scores=scores, logps=rollout["logps"], ref_logps=rollout["ref_logps"],
             mask=m, kl_coef=kl_coef if config.kl.in_reward else 0.0, estimator=kl_estimator)
         if config.whiten_rewards:
             rewards = adv_lib.whiten(rewards, m, shift_mean=False)
@@ -278,7 +273,7 @@ def train(config, workdir) -> Path:
                                             values=rollout.get("values"), group_size=group)
         if config.whiten_advantages:
             advantages = adv_lib.whiten(advantages, m)
-        return advantages, returns
+        return advantages, returns, scores
 
     make_targets = jax.jit(make_targets)
 
@@ -390,15 +385,21 @@ def train(config, workdir) -> Path:
         placed = common.place_batch({k: np.repeat(batch[k], group, axis=0)
                                      for k in ("tokens", "mask")}, mesh, rules)
         prompt, prompt_mask = placed["tokens"], placed["mask"]
-        completion, completion_mask, _ = sampling.generate(
-            (graphdef, params["policy"]), prompt, prompt_mask, k_sample,
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature, eos_id=tok.stop_ids,
-            pad_id=tok.pad_id)
-        completion_mask = completion_mask.astype(jnp.int32)
-        rollout = score(params["policy"], ref_params, params["value"] if uses_critic else None,
-                        None if reward is None else reward[1], prompt, prompt_mask, completion,
-                        completion_mask)
-        advantages, returns = make_targets(rollout, completion_mask, kl_state.kl_coef)
+        score_params.update(policy=params["policy"])
+        if uses_critic:
+            score_params["value"] = params["value"]
+        # Old log-probs are recomputed by a training-layout forward, so the first ratio of the
+        # update is exactly 1 (the sampler's agree to ~1e-6; `rollout/logp_gap` shows by how
+        # much).
+        rollout = rollout_lib.sample_and_score(
+            graphdef=graphdef, terms=terms, monitor=monitor, params=score_params,
+            prompt=prompt, prompt_mask=prompt_mask, rng=k_sample,
+            max_new_tokens=r.max_new_tokens, temperature=r.temperature, stop_ids=tok.stop_ids,
+            pad_id=tok.pad_id, tokenizer=tok, recompute=True,
+            value_graphdef=value_graphdef if uses_critic else None,
+            reward_graphdef=None if reward is None else reward[0])
+        completion, completion_mask = rollout["completion"], rollout["completion_mask"]
+        advantages, returns, scores = make_targets(rollout, completion_mask, kl_state.kl_coef)
         train_batch = {"seq": rollout["seq"], "seq_mask": rollout["seq_mask"],
                        "completion": completion, "completion_mask": completion_mask,
                        "logps": rollout["logps"], "ref_logps": rollout["ref_logps"],
@@ -411,23 +412,22 @@ def train(config, workdir) -> Path:
         t1 = time.perf_counter()
         params, opt_state, guard, m = update(params, opt_state, guard, train_batch, k_update,
                                              kl_state.kl_coef, jnp.int32(step))
-        seq_kl = rollout["seq_kl_k1"]
+        seq_kl = rollout["kl"]
         m.update({"objective/kl": jnp.mean(seq_kl),
-                  "objective/kl_k3": jnp.mean(rollout["seq_kl_k3"]),
+                  "objective/kl_k3": jnp.mean(rollout["kl_k3"]),
                   "objective/kl_coef": kl_state.kl_coef,
-                  "objective/scores": jnp.mean(rollout["scores"]),
+                  "objective/scores": jnp.mean(scores),
                   "response/length": jnp.mean(jnp.sum(completion_mask, axis=1)),
-                  "response/eos_rate": jnp.mean(rollout["has_eos"])})
-        if "rm" in rollout:
-            m["rm/score"] = jnp.mean(rollout["rm"])
-        if "gold" in rollout:
-            m["gold/reward"] = jnp.mean(rollout["gold"])
+                  "response/eos_rate": jnp.mean(rollout["eos"])})
+        m.update(reward_metrics(rollout))
         kl_state = controller(kl_state, kl=jnp.mean(seq_kl), n_steps=n_rollout)
         step += 1
         if log_now:
             values = jax.device_get(m)
             t2 = time.perf_counter()
             tokens = float(np.sum(np.asarray(completion_mask)))
+            if "time/reward_host_s" in rollout:
+                values["time/reward_host_s"] = rollout["time/reward_host_s"]
             values.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
                            "time/tokens_per_s": tokens / max(t2 - t0, 1e-9)})
             values = writer.write(step, values)
