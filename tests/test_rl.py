@@ -80,11 +80,14 @@ def test_a_reward_expression_mixes_token_and_text_rewards(sft_workdir):
     format check (decoded text, on the host): each term is logged on its own, the host cost
     under time/, and the optimised score is their weighted sum."""
     config = _config(grpo_exp.get_config, sft_workdir, stage="shaped", eval_every=0,
-                     reward="gold - 0.5*overlong(max_len=12, cache=4) + 0.2*regex(pattern='e')")
+                     reward="gold - 0.5*overlong(max_len=12, cache=4) + 0.2*regex(pattern='e')",
+                     **{"rollout.mask_truncated": True})
     rows = [r for r in read_metrics(ppo_exp.main(config, sft_workdir)) if "objective/kl" in r]
     for key in ("gold/reward", "reward/overlong", "reward/regex", "time/reward_host_s"):
         assert np.isfinite(rows[-1][key]), key
     assert -1 <= rows[-1]["reward/overlong"] <= 0 and 0 <= rows[-1]["reward/regex"] <= 1
+    # The sampler's and the training forward's log-probs agree to float error.
+    assert 0 <= rows[-1]["rollout/logp_gap_mean"] <= rows[-1]["rollout/logp_gap_max"] < 1e-3
     for r in rows:   # the weighted sum, less missing_eos_penalty (1.0) where no EOS came
         assert r["objective/scores"] == pytest.approx(
             r["gold/reward"] - 0.5 * r["reward/overlong"] + 0.2 * r["reward/regex"]
@@ -141,3 +144,37 @@ def test_bad_configs(sft_workdir, overrides, match):
     with pytest.raises(ValueError, match=match):
         ppo_exp.main(_config(ppo_exp.get_config, sft_workdir, stage="bad", **overrides),
                      sft_workdir)
+
+
+def test_truncated_completions_take_no_part_in_the_loss(sft_workdir):
+    """rollout.mask_truncated (DAPO's overlong filtering): with one-token completions only those
+    that are the EOS itself are not truncated, so the loss keeps exactly the EOS rate of the
+    completion tokens."""
+    config = _config(grpo_exp.get_config, sft_workdir, stage="masked", eval_every=0,
+                     **{"rollout.max_new_tokens": 1, "rollout.mask_truncated": True})
+    rows = [r for r in read_metrics(ppo_exp.main(config, sft_workdir)) if "objective/kl" in r]
+    assert any(0 < r["response/eos_rate"] < 1 for r in rows)
+    for r in rows:
+        assert r["rollout/loss_token_frac"] == pytest.approx(r["response/eos_rate"])
+
+
+def test_dynamic_sampling_refills_and_never_trains_on_a_tied_group(sft_workdir):
+    """DAPO's dynamic sampling: with the gold reward (continuous) every group is kept at the
+    first draw; with a reward that ties every group (a pattern no completion contains) each
+    iteration draws max_draws batches, keeps none, and masks every filler group out of the
+    loss, so the policy does not move."""
+    config = _config(grpo_exp.get_config, sft_workdir, stage="dyn_gold", eval_every=0,
+                     **{"rollout.dynamic_sampling": True})
+    rows = [r for r in read_metrics(ppo_exp.main(config, sft_workdir)) if "objective/kl" in r]
+    assert all(r["rollout/draws"] == 1 and r["rollout/kept_group_frac"] == 1 for r in rows)
+
+    config = _config(grpo_exp.get_config, sft_workdir, stage="dyn_tied", eval_every=0,
+                     reward="regex(pattern='@@')", missing_eos_penalty=0.0, steps=1,
+                     **{"rollout.dynamic_sampling": True, "rollout.max_draws": 2,
+                        "optim.warmup_steps": 0})
+    stage = ppo_exp.main(config, sft_workdir)
+    row = [r for r in read_metrics(stage) if "objective/kl" in r][-1]
+    assert row["rollout/draws"] == 2 and row["rollout/kept_group_frac"] == 0
+    sft_params = common.load_stage(sft_workdir / "sft")[1]
+    for a, b in zip(jax.tree.leaves(sft_params), jax.tree.leaves(common.load_stage(stage)[1])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

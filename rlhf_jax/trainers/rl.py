@@ -52,7 +52,8 @@ def default_config() -> ml_collections.ConfigDict:
         source="synthetic", name="", data_dir="", format="plain", n_train=4_000, n_test=500, seed=0,
         buckets=(12,), max_prompt_len=11))
     c.rollout = ml_collections.ConfigDict(dict(
-        prompts_per_step=64, samples_per_prompt=1, max_new_tokens=24, temperature=1.0))
+        prompts_per_step=64, samples_per_prompt=1, max_new_tokens=24, temperature=1.0,
+        mask_truncated=False, dynamic_sampling=False, max_draws=4))
     c.advantage = "gae(gamma=1.0, lam=0.95)"
     c.policy_loss = "ppo_clip(clip_eps=0.2)"
     c.loss_agg = "token_mean"
@@ -95,6 +96,14 @@ SCHEMA = {
         "samples_per_prompt": schema.Int(ge=1, doc="completions per prompt (the group G)"),
         "max_new_tokens": schema.Int(ge=1, doc="longest completion"),
         "temperature": schema.Float(gt=0, doc="sampling temperature of the rollouts"),
+        "mask_truncated": schema.Bool(doc="no loss on completions cut at max_new_tokens "
+                                          "(DAPO's overlong filtering; their rewards still "
+                                          "enter the group statistics)"),
+        "dynamic_sampling": schema.Bool(doc="DAPO: drop groups whose scores are all equal and "
+                                            "refill the batch from further prompts"),
+        "max_draws": schema.Int(ge=1, doc="prompt batches drawn per iteration at most with "
+                                          "dynamic_sampling; groups still missing then are "
+                                          "masked out of the loss"),
     },
     "advantage": schema.Spec("advantage"),
     "policy_loss": schema.Spec("policy_loss"),
@@ -183,6 +192,53 @@ def reward_metrics(rollout: dict) -> dict:
     (the testbed), reward/<name> for the others."""
     return {_METRIC_NAMES.get(k.split("/", 1)[1], k): jnp.mean(v) for k, v in rollout.items()
             if k.startswith("reward/")}
+
+
+def logp_gap(rollout: dict) -> dict:
+    """|sampler log-prob - recomputed log-prob| over completion tokens (max and mean): how far
+    the rollout engine and the training forward disagree about the tokens they share (here
+    both are this model, in one process: float error; with a separate inference engine it is
+    the mismatch that biases the importance ratio). RL samples the full tempered distribution
+    (no top-k / top-p), so both log-probs are of one support."""
+    mask = rollout["completion_mask"] > 0
+    gap = jnp.where(mask, jnp.abs(rollout["sample_logps"] - rollout["logps"]), 0.0)
+    return {"rollout/logp_gap_max": jnp.max(gap),
+            "rollout/logp_gap_mean": jnp.sum(gap) / jnp.maximum(jnp.sum(mask), 1)}
+
+
+def dynamic_sample(draw, key, *, group: int, n_groups: int, max_draws: int,
+                   penalty: float) -> tuple[dict, dict]:
+    """DAPO's dynamic sampling (Yu et al. 2025, sec. 3.2): rollouts of further prompt batches
+    until `n_groups` groups have scores that are not all equal, at most `max_draws` batches.
+
+    A group whose samples all score the same (every answer right, or every one wrong) has zero
+    group-normalised advantage: it spends a batch slot on no gradient. Kept groups fill the
+    batch in the order drawn; if the cap leaves slots empty they are filled with dropped groups
+    whose rows get trainable = 0 (masked out of the loss), so a zero-variance group is never
+    trained on. draw(key) -> rollout of one prompt batch; the i-th draw uses fold_in(key, i),
+    and the prompts come from the checkpointed iterator, so a resumed run draws the same.
+    Metrics: rollout/draws (batches drawn) and rollout/kept_group_frac (of groups drawn).
+    """
+    kept, dropped, drawn = [], [], 0
+    while len(kept) < n_groups and drawn < max_draws:
+        r = draw(jax.random.fold_in(key, drawn))
+        drawn += 1
+        # The score the policy optimises, before KL shaping (the reward and the EOS penalty).
+        scores = np.asarray(r["reward"]) - penalty * (~np.asarray(r["eos"])).astype(np.float32)
+        by_group = scores.reshape(-1, group)
+        varied = np.max(by_group, axis=1) > np.min(by_group, axis=1)
+        for g in range(by_group.shape[0]):
+            (kept if varied[g] else dropped).append((r, g))
+    total = drawn * n_groups
+    n_kept = min(len(kept), n_groups)
+    chosen = kept[:n_groups] + dropped[:n_groups - n_kept]
+    trainable = np.repeat(np.arange(n_groups) < n_kept, group).astype(np.int32)
+    keys = [k for k, v in chosen[0][0].items() if hasattr(v, "shape") and v.ndim >= 1]
+    out = {k: jnp.concatenate([r[k][g * group:(g + 1) * group] for r, g in chosen])
+           for k in keys}
+    out["trainable"] = jnp.asarray(trainable)
+    metrics = {"rollout/draws": float(drawn), "rollout/kept_group_frac": len(kept) / total}
+    return out, metrics
 
 
 def train(config, workdir) -> Path:
@@ -381,27 +437,42 @@ def train(config, workdir) -> Path:
     while step < config.steps:
         t0 = time.perf_counter()
         rng, k_sample, k_update = jax.random.split(rng, 3)
-        batch = next(prompt_it)
-        placed = common.place_batch({k: np.repeat(batch[k], group, axis=0)
-                                     for k in ("tokens", "mask")}, mesh, rules)
-        prompt, prompt_mask = placed["tokens"], placed["mask"]
         score_params.update(policy=params["policy"])
         if uses_critic:
             score_params["value"] = params["value"]
-        # Old log-probs are recomputed by a training-layout forward, so the first ratio of the
-        # update is exactly 1 (the sampler's agree to ~1e-6; `rollout/logp_gap` shows by how
-        # much).
-        rollout = rollout_lib.sample_and_score(
-            graphdef=graphdef, terms=terms, monitor=monitor, params=score_params,
-            prompt=prompt, prompt_mask=prompt_mask, rng=k_sample,
-            max_new_tokens=r.max_new_tokens, temperature=r.temperature, stop_ids=tok.stop_ids,
-            pad_id=tok.pad_id, tokenizer=tok, recompute=True,
-            value_graphdef=value_graphdef if uses_critic else None,
-            reward_graphdef=None if reward is None else reward[0])
+
+        def draw(key):
+            batch = next(prompt_it)
+            placed = common.place_batch({k: np.repeat(batch[k], group, axis=0)
+                                         for k in ("tokens", "mask")}, mesh, rules)
+            # Old log-probs are recomputed by a training-layout forward, so the first ratio of
+            # the update is exactly 1 (the sampler's agree to ~1e-6: rollout/logp_gap_*).
+            return rollout_lib.sample_and_score(
+                graphdef=graphdef, terms=terms, monitor=monitor, params=score_params,
+                prompt=placed["tokens"], prompt_mask=placed["mask"], rng=key,
+                max_new_tokens=r.max_new_tokens, temperature=r.temperature,
+                stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, recompute=True,
+                value_graphdef=value_graphdef if uses_critic else None,
+                reward_graphdef=None if reward is None else reward[0])
+
+        if r.dynamic_sampling:
+            rollout, sampling_metrics = dynamic_sample(draw, k_sample, group=group,
+                                                       n_groups=r.prompts_per_step,
+                                                       max_draws=r.max_draws,
+                                                       penalty=config.missing_eos_penalty)
+        else:
+            rollout, sampling_metrics = draw(k_sample), {}
         completion, completion_mask = rollout["completion"], rollout["completion_mask"]
         advantages, returns, scores = make_targets(rollout, completion_mask, kl_state.kl_coef)
+        # DAPO's overlong filtering (Yu et al. 2025, sec. 3.4): a completion the sampler cut
+        # at max_new_tokens (no stop id) takes no part in the loss; it still shaped its
+        # group's advantages above.
+        loss_mask = (completion_mask * rollout["eos"][:, None].astype(jnp.int32)
+                     if r.mask_truncated else completion_mask)
+        if "trainable" in rollout:    # dynamic sampling could not fill every group
+            loss_mask = loss_mask * rollout["trainable"][:, None]
         train_batch = {"seq": rollout["seq"], "seq_mask": rollout["seq_mask"],
-                       "completion": completion, "completion_mask": completion_mask,
+                       "completion": completion, "completion_mask": loss_mask,
                        "logps": rollout["logps"], "ref_logps": rollout["ref_logps"],
                        "advantages": advantages, "returns": returns}
         if uses_critic:
@@ -420,6 +491,11 @@ def train(config, workdir) -> Path:
                   "response/length": jnp.mean(jnp.sum(completion_mask, axis=1)),
                   "response/eos_rate": jnp.mean(rollout["eos"])})
         m.update(reward_metrics(rollout))
+        m.update(logp_gap(rollout))
+        m.update(sampling_metrics)
+        if r.mask_truncated:
+            m["rollout/loss_token_frac"] = jnp.sum(loss_mask) / jnp.maximum(
+                jnp.sum(completion_mask), 1)
         kl_state = controller(kl_state, kl=jnp.mean(seq_kl), n_steps=n_rollout)
         step += 1
         if log_now:
