@@ -177,6 +177,59 @@ def rloo(*, rewards, mask, group_size):
     return _sequence_advantage(rewards, mask, lambda s: leave_one_out(s, group_size))
 
 
+def batch_normalized(x, mask, eps=1e-6):
+    """(x - mean) / (std + eps) over the valid entries of x [B, T] (the whole batch), 0 at
+    padded entries.
+
+    The same arithmetic as `group_normalized`, with the batch's valid entries as one group:
+    the first valid entry is subtracted before the mean (shifted data), so a batch of equal
+    values is exactly 0; a tied batch (max == min over the valid entries, or deviations that
+    flush to 0) gives 0 with a zero gradient; the std is the population std (ddof 0) of the
+    deviations divided by their (constant) maximum, so eps = 0 is safe and values of 1e20 or
+    deviations of 1e-25 neither overflow nor underflow. Valid where mask > 0; padded entries
+    are selected away before any arithmetic.
+    """
+    if isinstance(eps, (int, float)) and not eps >= 0:
+        raise ValueError(f"batch_normalized: eps must be >= 0, got {eps}")
+    ok = valid(mask)
+    x = select(x, ok)
+    first = jnp.argmax(ok.reshape(-1))  # 0 when nothing is valid; then everything is 0 below
+    d = jnp.where(ok, x - x.reshape(-1)[first], 0.0)
+    adv = jnp.where(ok, d - masked_mean(d, ok), 0.0)
+    peak = jnp.max(jnp.abs(adv))
+    tied = (jnp.max(jnp.where(ok, x, -jnp.inf)) == jnp.min(jnp.where(ok, x, jnp.inf))) | (
+        peak == 0)
+    # As in group_normalized: a constant scale (stop_gradient) is exact, and the double where
+    # keeps sqrt's infinite derivative at 0 out of a tied batch's gradient.
+    peak = jax.lax.stop_gradient(jnp.where(tied, 1.0, peak))
+    unit = adv / peak
+    std_unit = jnp.sqrt(jnp.where(tied, 1.0, masked_mean(jnp.square(unit), ok)))
+    return jnp.where(ok & ~tied, unit / (std_unit + eps / peak), 0.0)
+
+
+@registry.register("advantage", args={
+    "gamma": _GAMMA, "eps": schema.Float(ge=0, doc="added to the batch std")})
+def reinforce_pp(*, rewards, mask, gamma=1.0, eps=1e-6):
+    """REINFORCE++ (Hu et al. 2025, arXiv:2501.03262): each token's return-to-go, normalised
+    over the whole batch. [B, T].
+
+    A_t = sum_{k >= t} gamma^(k-t) r_k: with the KL already in the per-token rewards (the
+    trainer's kl.in_reward) this is the paper's r(x, y) - beta sum_{i >= t} KL_i (gamma = 1);
+    with only a score on the last token it is the sequence return on every token. Then
+    A_norm = (A - mean) / (std + eps), the mean and std over ALL valid tokens of the batch
+    (global normalisation, not per prompt group as GRPO), by `batch_normalized`: a tied batch
+    (every valid return equal) is exactly 0. No group is needed, so one sample per prompt is
+    fine (the trainer passes no group_size).
+    Args: rewards, mask [B, T] (valid where mask > 0); gamma (1 in the paper); eps >= 0 (the
+      paper's implementation divides by sqrt(var + 1e-8); std + 1e-6 here, as GRPO does).
+    Returns: (advantages, returns) [B, T]: the normalised advantages and the raw
+      returns-to-go, 0 at padded positions.
+    """
+    ok = valid(mask)
+    returns, _ = reward_to_go(rewards=select(rewards, ok), mask=ok, gamma=gamma)
+    return batch_normalized(returns, ok, eps=eps), jnp.where(ok, returns, 0.0)
+
+
 def top_of_group(scores, group_size, top=1):
     """1.0 for the `top` highest scores of each group, 0.0 for the rest. [B] float32.
 

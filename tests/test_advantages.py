@@ -259,6 +259,78 @@ def test_sequence_estimators_give_tied_groups_zero():
         np.testing.assert_array_equal(adv, 0.0, err_msg=fn.__name__)
 
 
+# --- REINFORCE++: global normalisation -----------------------------------------------------------
+
+def test_reinforce_pp_golden():
+    # Per-token rewards with the KL inside (-beta KL_t) and the score on the last token:
+    #   row 1 [-0.1, -0.2, 2.0]      -> returns-to-go [1.7, 1.8, 2.0]
+    #   row 2 [0.1, -1.0, (padding)] -> returns-to-go [-0.9, -1.0]
+    # Over the 5 valid tokens: mean 3.6 / 5 = 0.72; deviations [0.98, 1.08, 1.28, -1.62, -1.72];
+    # squares sum 0.9604 + 1.1664 + 1.6384 + 2.6244 + 2.9584 = 9.348, variance 9.348 / 5 =
+    # 1.8696, std 1.3673332; advantages = deviations / (1.3673332 + 1e-6) =
+    # [0.7167231, 0.7898581, 0.9361281, -1.1847872, -1.2579222].
+    rewards = np.array([[-0.1, -0.2, 2.0], [0.1, -1.0, np.nan]], np.float32)
+    mask = np.array([[1, 1, 1], [1, 1, 0]], np.float32)
+    adv, ret = advantages.reinforce_pp(rewards=rewards, mask=mask)
+    np.testing.assert_allclose(adv, [[0.7167231, 0.7898581, 0.9361281],
+                                     [-1.1847872, -1.2579222, 0.0]], rtol=1e-5)
+    np.testing.assert_allclose(ret, [[1.7, 1.8, 2.0], [-0.9, -1.0, 0.0]], rtol=1e-6)
+    # Discounted: gamma = 0.5 gives row 1 returns [-0.1 - 0.1 + 0.5, -0.2 + 1.0, 2.0].
+    _, ret = advantages.reinforce_pp(rewards=rewards, mask=mask, gamma=0.5)
+    np.testing.assert_allclose(ret[0], [0.3, 0.8, 2.0], rtol=1e-6)
+
+
+def test_reinforce_pp_normalises_over_the_batch_not_per_group():
+    r, _, m = _random_batch(3)
+    adv, _ = advantages.reinforce_pp(rewards=r, mask=m)
+    g, _ = advantages.reward_to_go(rewards=r, mask=m)
+    valid = m > 0
+    ref = (np.asarray(g)[valid] - np.asarray(g)[valid].mean()) / (np.asarray(g)[valid].std()
+                                                                 + 1e-6)
+    np.testing.assert_allclose(np.asarray(adv)[valid], ref, rtol=1e-4, atol=1e-5)
+    assert np.all(np.asarray(adv)[~valid] == 0)
+    # Score-only rewards (no KL): every token of a row carries the sequence return, and the
+    # statistics are those of the batch. Unlike GRPO, a group of two equal returns is not 0.
+    scores = np.array([1.0, 1.0, 0.0, 3.0], np.float32)
+    rewards = np.zeros((4, 2), np.float32)
+    rewards[:, -1] = scores
+    adv, _ = advantages.reinforce_pp(rewards=rewards, mask=np.ones((4, 2)))
+    z = (scores - scores.mean()) / (scores.std() + 1e-6)
+    np.testing.assert_allclose(adv, np.stack([z, z], 1), rtol=1e-5)
+    grpo, _ = advantages.grpo(rewards=rewards, mask=np.ones((4, 2)), group_size=2)
+    assert np.all(np.asarray(grpo)[:2] == 0) and np.all(np.asarray(adv)[:2] != 0)
+
+
+@pytest.mark.parametrize("value", [0.7, 123.4, -3.3, 1e30, 0.0])
+def test_reinforce_pp_tied_batch_is_exactly_zero(value):
+    # A score on the last token only, equal everywhere: every valid return is equal, so there
+    # is no preference to normalise (as group_normalized does for one group).
+    rewards = np.zeros((8, 3), np.float32)
+    rewards[:, -1] = value
+    mask = np.ones((8, 3), np.float32)
+    for fn in (advantages.reinforce_pp, jax.jit(advantages.reinforce_pp)):
+        adv, _ = fn(rewards=rewards, mask=mask)
+        np.testing.assert_array_equal(adv, 0.0)
+    grad = jax.grad(lambda r: jnp.sum(advantages.reinforce_pp(rewards=r, mask=mask)[0]
+                                      * jnp.arange(24.0).reshape(8, 3)))(rewards)
+    assert np.all(np.isfinite(grad))
+    # Nothing valid at all: zeros.
+    adv, ret = advantages.reinforce_pp(rewards=rewards, mask=np.zeros((8, 3)))
+    np.testing.assert_array_equal(adv, 0.0)
+    np.testing.assert_array_equal(ret, 0.0)
+    # eps = 0 is safe on an untied batch.
+    adv, _ = advantages.reinforce_pp(rewards=np.array([[1.0], [2.0]]), mask=np.ones((2, 1)),
+                                     eps=0.0)
+    np.testing.assert_allclose(adv, [[-1.0], [1.0]], rtol=1e-6)
+
+
+def test_reinforce_pp_is_registered_without_a_group():
+    fn = registry.get("advantage", "reinforce_pp(gamma=0.99)")
+    assert not registry.accepts(fn, "group_size")  # one sample per prompt is fine
+    with pytest.raises(ValueError, match="eps=-1"):
+        registry.get("advantage", "reinforce_pp(eps=-1.0)")
+
+
 # --- padding never reaches a valid position -----------------------------------------------------
 
 # Mask with a full row, a shorter one, one that starts after a prompt, and an empty one.
@@ -286,6 +358,9 @@ def _estimator_calls():
         "whiten": lambda r, v, lp, ref, m: advantages.whiten(r, m),
         "whiten_rescale": lambda r, v, lp, ref, m: advantages.whiten(r, m, shift_mean=False),
     }
+    calls["reinforce_pp"] = (
+        lambda r, v, lp, ref, m: advantages.reinforce_pp(rewards=r, mask=m, gamma=0.9))
+    calls["batch_normalized"] = lambda r, v, lp, ref, m: advantages.batch_normalized(r, m)
     for name in ("grpo", "dr_grpo", "rloo", "best_of_n"):
         calls[name] = functools.partial(
             lambda r, v, lp, ref, m, fn: fn(rewards=r, mask=m, group_size=2),

@@ -11,7 +11,8 @@ a mask:
 2. Padding never matters. Replacing the values at padded positions by NaN, inf, -inf or 1e30,
    and the mask's own padded entries by 0, -0 or NaN (a position is valid where mask > 0),
    changes no output, metric or gradient; padded positions get a gradient of exactly 0 and
-   per-token outputs there are 0.
+   per-token outputs there are 0. The same holds for the padding rows of a preference batch
+   (the rows whose `weights` are not > 0; `kl_weights` for the kl_* inputs of KTO).
 
 The inputs a function may declare are drawn from `_INPUTS` by name and handed over with
 `registry.call`, as a trainer does; a function with an input not in that table fails here
@@ -51,6 +52,7 @@ LENGTH = st.integers(0, 1000).map(float)  # response lengths in tokens
 # What padding may hold: -inf log-probs, NaN from a masked division, garbage, overflow.
 PADDING = st.sampled_from([math.nan, math.inf, -math.inf, 1e30, -1e30, _f32(3.4e38)])
 MASK_PADDING = st.sampled_from([0.0, -0.0, math.nan])
+WEIGHT = st.sampled_from([0.0, 1.0, 1.0, 0.5, 3.0])  # preference row weights; 0 is padding
 
 
 # --- declared arguments ---------------------------------------------------------------------
@@ -105,7 +107,8 @@ def _agg_specs():
 
 
 # name -> (shape, element strategy, role). Roles: "diff" arrays are differentiated, "const"
-# arrays are not (lengths, counts), "mask" is the mask, "static" values are Python values.
+# arrays are not (lengths, counts), "mask" is the mask, "static" values are Python values,
+# "maybe" inputs are either left out (the function's default None) or drawn as constants.
 _COMMON = {
     **{n: ((B, T), LOGP, "diff") for n in ("logps", "old_logps", "ref_logps")},
     **{n: ((B,), LOGP, "diff") for n in ("policy_chosen_logps", "policy_rejected_logps",
@@ -132,6 +135,15 @@ _COMMON = {
 # Per-kind differences: a reward model's `rewards` are [B, K] rankings, not per-token rewards.
 _INPUTS = {kind: dict(_COMMON) for kind in registry.KINDS}
 _INPUTS["reward_loss"]["rewards"] = ((B, K), REAL, "diff")
+# The preference batch contract's row weights, the batch statistic a loss may be handed
+# (absent: computed from the batch), and KTO's unpaired rows (its ref_logps is [B]).
+_INPUTS["pref_loss"].update({
+    **{n: ((B,), WEIGHT, "const") for n in ("weights", "kl_weights")},
+    "reference_point": ((), st.floats(-1e4, 1e4, width=32), "maybe"),
+    **{n: ((B,), LOGP, "diff") for n in ("policy_logps", "ref_logps", "kl_policy_logps",
+                                         "kl_ref_logps")},
+    "desirable": ((B,), st.sampled_from([0.0, 1.0]), "const"),
+})
 _INPUTS[None] = _COMMON  # the unregistered helpers
 
 # What of a function's output is differentiated (all of it is checked for finiteness).
@@ -143,8 +155,14 @@ _PRIMARY = {
 }
 
 
+# Kinds whose functions take what this file does not draw: reward sources read token ids, a
+# reward model's parameters, the testbed's tables or decoded text (tests/test_rewards.py).
+_NOT_DRAWN = {"reward"}
+
+
 def test_every_kind_has_inputs_and_a_primary_output():
-    assert set(registry.KINDS) <= set(_INPUTS) and set(registry.KINDS) <= set(_PRIMARY)
+    covered = set(registry.KINDS) - _NOT_DRAWN
+    assert covered <= set(_INPUTS) and covered <= set(_PRIMARY)
 
 
 # --- drawing and running ------------------------------------------------------------------
@@ -174,6 +192,9 @@ def _draw_inputs(data, kind, names):
             mask = data.draw(hnp.arrays(np.bool_, shape), label="mask").astype(np.float32)
         elif role == "state":
             diff[name] = kl.init_controller(data.draw(elements, label=name))
+        elif role == "maybe":
+            if data.draw(st.booleans(), label=f"{name} given"):
+                const[name] = np.float32(data.draw(elements, label=name))
         else:
             dtype = np.int32 if name == "n_steps" else np.float32
             value = data.draw(hnp.arrays(dtype, shape, elements=elements), label=name)
@@ -234,10 +255,51 @@ def _corrupt(data, tree, mask):
     return jax.tree.map(one, tree)
 
 
-def _check(data, fn, kind=None, name=None):
-    """Draws inputs for `fn` (registered as `name` under `kind`, or a helper when kind is None),
-    checks finiteness and, if it takes a mask, padding invariance."""
-    declared = registry.arguments(kind, name) if kind is not None else {}
+def _row_padding(const):
+    """name -> which rows of that [B] input are padding: `weights` not > 0, or `kl_weights`
+    for the kl_* inputs when it is given."""
+    pad = ~(const["weights"] > 0)
+    pad_kl = ~(const["kl_weights"] > 0) if "kl_weights" in const else pad
+    return lambda name: pad_kl if name.startswith("kl_") else pad
+
+
+def _corrupt_rows(tree, padding, garbage, weight_garbage):
+    """The [B] inputs of a preference batch with their padding rows replaced by garbage: the
+    values by `garbage` (PADDING), the weights by `weight_garbage` (0, -0 or NaN)."""
+    out = {}
+    for name, x in tree.items():
+        x = np.asarray(x)
+        if x.shape != (B,):
+            out[name] = x
+            continue
+        bad = weight_garbage if name.endswith("weights") else garbage
+        out[name] = np.where(padding(name), bad, x).astype(x.dtype)
+    return out
+
+
+def _check_padding_rows(data, run, diff, const, floats, out, grads):
+    """Corrupting the padding rows of a preference batch changes no output or gradient, and
+    the gradient at a padding row is exactly 0."""
+    padding = _row_padding(const)
+    # One draw of each kind of garbage, shared by the inputs, keeps an example cheap.
+    garbage = data.draw(hnp.arrays(np.float32, (B,), elements=PADDING), label="pad rows")
+    weight_garbage = data.draw(hnp.arrays(np.float32, (B,), elements=MASK_PADDING),
+                               label="pad weights")
+    bad = [_corrupt_rows(t, padding, garbage, weight_garbage) for t in (diff, const)]
+    bad_out, bad_grads = run(bad[0], bad[1], None, floats)
+    for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(bad_out)):
+        np.testing.assert_array_equal(a, b, err_msg="a padding row changed an output")
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], bad_grads[name],
+                                      err_msg=f"a padding row changed the gradient of {name}")
+        assert np.all(np.asarray(grads[name])[padding(name)] == 0.0), f"{name}: padding grad"
+
+
+def _check(data, fn, kind=None, name=None, declared=None):
+    """Draws inputs for `fn` (registered as `name` under `kind`, or a helper when name is None,
+    whose arguments `declared` may list), checks finiteness and, if it takes a mask or row
+    weights, padding invariance."""
+    declared = registry.arguments(kind, name) if name is not None else (declared or {})
     names = _declared_inputs(fn, kind, skip=tuple(declared))
     diff, const, static, mask = _draw_inputs(data, kind, names)
     floats = {}
@@ -251,6 +313,8 @@ def _check(data, fn, kind=None, name=None):
     out, grads = run(diff, const, mask, floats)
     _assert_finite(out, "output")
     _assert_finite(grads, "gradient")
+    if "weights" in const:
+        _check_padding_rows(data, run, diff, const, floats, out, grads)
     if mask is None:
         return
     pad = ~(mask > 0)
@@ -273,8 +337,9 @@ def _check(data, fn, kind=None, name=None):
 
 # --- the tests --------------------------------------------------------------------------------
 
-REGISTERED = [(kind, name) for kind in registry.KINDS for name in registry.names(kind)]
-# 25 examples per function keep the file near 15 s on 2 cores; set RLHF_PROPERTY_EXAMPLES
+REGISTERED = [(kind, name) for kind in registry.KINDS if kind not in _NOT_DRAWN
+              for name in registry.names(kind)]
+# 25 examples per function keep the file near 20 s on 2 cores; set RLHF_PROPERTY_EXAMPLES
 # (e.g. 500) for a longer hunt after changing a loss.
 # The default run is derandomized (the same examples every time, so CI is deterministic); a
 # longer hunt with RLHF_PROPERTY_EXAMPLES draws new ones.
@@ -308,6 +373,15 @@ def _masked_helpers():
 @given(data=st.data())
 def test_masked_helpers_are_finite_and_ignore_padding(fn, data):
     _check(data, fn)
+
+
+@_SETTINGS
+@given(data=st.data())
+def test_kto_is_finite_and_ignores_padding_rows(data):
+    # KTO takes unpaired rows, so it is not a registered pref_loss; its arguments share
+    # kto_pair's declared ranges.
+    declared = registry.arguments("pref_loss", "kto_pair")
+    _check(data, losses.kto, "pref_loss", declared=declared)
 
 
 def test_the_helpers_found_include_the_ones_trainers_call():
