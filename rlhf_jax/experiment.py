@@ -107,7 +107,11 @@ def _all_keys(config, prefix: str = "") -> list[str]:
 
 def unknown_key_message(config, dotted: str) -> str:
     """"unknown config key ...; did you mean ...?" with the closest valid keys."""
-    close = difflib.get_close_matches(dotted, _all_keys(config), n=3, cutoff=0.6)
+    keys = _all_keys(config)
+    close = difflib.get_close_matches(dotted, keys, n=3, cutoff=0.6)
+    # A near-certain match (a typo) is shown alone, not beside keys that merely share a group.
+    if close and difflib.SequenceMatcher(None, dotted, close[0]).ratio() >= 0.9:
+        close = close[:1]
     hint = (f"did you mean {' or '.join(repr(c) for c in close)}?" if close
             else "see --help for the valid keys")
     return f"unknown config key {dotted!r}; {hint}"

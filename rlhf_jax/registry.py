@@ -44,7 +44,8 @@ KINDS = ("reward_loss", "pref_loss", "policy_loss", "advantage", "kl_estimator",
 
 # Modules whose import registers functions; loaded on the first lookup so that the registry
 # itself imports nothing and can be imported from any of them.
-_PROVIDERS = ("rlhf_jax.aggregation", "rlhf_jax.kl", "rlhf_jax.losses", "rlhf_jax.advantages")
+_PROVIDERS = ("rlhf_jax.aggregation", "rlhf_jax.kl", "rlhf_jax.losses", "rlhf_jax.advantages",
+              "rlhf_jax.rewards")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 # kind -> name -> {argument: schema.Field}: the arguments a config string may set.

@@ -1,4 +1,4 @@
-"""The tabular optimum of DPO and IPO on a 6-armed bandit.
+"""The tabular optimum of DPO and IPO, and of the policy-gradient methods, on a 6-armed bandit.
 
 The policy is a softmax over 6 arms. Preference pairs (y, y') are drawn from pi_ref x pi_ref and
 labelled y > y' with the Bradley–Terry probability sigmoid(r(y) - r(y')). Minimising each loss
@@ -84,3 +84,71 @@ def test_ipo_reaches_its_own_optimum():
     # ... which is not DPO's optimum for any matching beta: IPO's target saturates in r.
     dpo_target = PI_REF * jnp.exp(REWARDS / tau)
     assert _tv(pi, dpo_target / jnp.sum(dpo_target)) > 0.05
+
+
+# ----------------------------------------------------------------------------------------------
+# Policy-gradient methods with the KL in the reward: the same optimum, reached by sampling
+# ----------------------------------------------------------------------------------------------
+#
+# With r'(y) = r(y) - beta log(pi(y) / pi_ref(y)) as the reward (kl.in_reward, k1), the
+# maximiser of E[r'] is pi_ref exp(r / beta) / Z, where r' is the same for every arm: each
+# group is then tied and every estimator below has zero expected gradient there. Each runs on
+# one-token "completions" (T = 1), sampled from the policy, with the registered advantage and
+# policy loss the RL trainer calls.
+
+RL_METHODS = {
+    # name: (advantage spec, policy loss spec)
+    "ppo_gae_no_critic": ("gae(gamma=1.0, lam=1.0)", "ppo_clip(clip_eps=0.2)"),
+    "grpo": ("grpo", "ppo_clip(clip_eps=0.2)"),
+    "dr_grpo": ("dr_grpo", "ppo_clip(clip_eps=0.2)"),
+    "rloo": ("rloo", "reinforce"),
+    "reinforce_pp": ("reinforce_pp", "ppo_clip(clip_eps=0.2)"),
+    "gspo": ("grpo", "gspo"),
+    "cispo": ("grpo", "cispo"),
+}
+
+
+def _sample_and_train(advantage, policy_loss, *, beta=1.0, steps=600, prompts=16, group=8,
+                      lr=0.03, seed=0):
+    from rlhf_jax import registry
+    adv_fn = registry.get("advantage", advantage)
+    loss_fn = registry.get("policy_loss", policy_loss)
+    opt = optax.adam(lr)
+    n = prompts * group
+    mask = jnp.ones((n, 1), jnp.float32)
+    log_ref = jnp.log(PI_REF)
+
+    def step(carry, key):
+        theta, state = carry
+        arms = jax.random.categorical(key, theta, shape=(n,))
+        old = jax.nn.log_softmax(theta)[arms][:, None]
+        shaped = (REWARDS[arms][:, None] - beta * (old - log_ref[arms][:, None]))
+        adv, _ = registry.call(adv_fn, rewards=shaped, mask=mask, values=jnp.zeros_like(mask),
+                               group_size=group)
+
+        def loss(t):
+            logps = jax.nn.log_softmax(t)[arms][:, None]
+            return registry.call(loss_fn, logps=logps, old_logps=old, advantages=adv,
+                                 mask=mask)[0]
+
+        updates, state = opt.update(jax.grad(loss)(theta), state, theta)
+        return (optax.apply_updates(theta, updates), state), jax.nn.softmax(theta)
+
+    theta = jnp.log(PI_REF)
+    keys = jax.random.split(jax.random.key(seed), steps)
+    _, history = jax.jit(lambda c: jax.lax.scan(step, c, keys))((theta, opt.init(theta)))
+    return jnp.mean(history[-steps // 4:], axis=0)     # the last quarter, averaged
+
+
+@pytest.mark.parametrize("name", sorted(RL_METHODS))
+def test_policy_gradient_methods_reach_the_kl_regularised_optimum(name):
+    beta = 1.0
+    pi = _sample_and_train(*RL_METHODS[name], beta=beta)
+    target = PI_REF * jnp.exp(REWARDS / beta)
+    target = target / jnp.sum(target)
+    # With a baseline of the group (or the batch), r' is the same for every sample at the
+    # optimum, so the advantages are exactly 0 there and the policy settles on it (TV < 1e-3,
+    # 0.0000 measured). Without one (GAE with no critic, T = 1: REINFORCE on r') the gradient
+    # stays noisy around it: 0.006 and 0.009 over two seeds.
+    tol = 0.02 if name == "ppo_gae_no_critic" else 1e-3
+    assert _tv(pi, target) < tol < _tv(PI_REF, target), (name, _tv(pi, target))

@@ -181,3 +181,11 @@ def test_call_passes_only_declared_inputs_and_names_missing_ones():
 def test_duplicate_registration_is_an_error():
     with pytest.raises(ValueError, match="already registered"):
         registry.register("pref_loss", "dpo", fn=lambda **kw: None)
+
+
+def test_the_readme_table_is_the_registry():
+    """README.md's table of registered functions is what tools.registry_table generates; after
+    registering a function, run `python -m tools.registry_table --write`."""
+    from tools import registry_table
+    text = registry_table.README.read_text()
+    assert registry_table.block() in text, "run: python -m tools.registry_table --write"

@@ -49,6 +49,9 @@ def _config(get_config, workdir, **overrides):
                           "ppo.epochs": 1, "ppo.minibatches": 1,
                           "whiten_rewards": True, "reward_clip": 0.5}),
     (rsft_exp.get_config, {"eval_every": 0}),
+    (grpo_exp.get_config, {"stage": "gspo", "policy_loss": "gspo", "eval_every": 0}),
+    (ppo_exp.get_config, {"stage": "reinforce_pp", "advantage": "reinforce_pp",
+                          "policy_loss": "cispo", "eval_every": 0}),
 ])
 def test_variants_run_and_log(sft_workdir, get_config, overrides):
     config = _config(get_config, sft_workdir, **overrides)

@@ -107,10 +107,10 @@ def reference_logps(graphdef, ref_params, batch):
 def per_pair(loss_fn, **inputs):
     """The loss and each of its metrics for every pair alone: (loss [B], {name: [B]}).
 
-    Every registered preference loss, and each of its metrics, is a mean over pairs of a
-    per-pair term (docs/implementation_details.md, "Averaging over pairs"), so evaluating it on
-    each pair alone (vmap over [1]-shaped inputs) and taking a weighted mean gives the loss of
-    any subset of pairs exactly, without touching the loss functions. Inputs: [B] each.
+    Training calls the loss on the whole batch (the batch contract in losses.py); this is for
+    the evaluation, which needs each pair's implicit-reward margin (its sign against the gold
+    order). For a loss with a batch statistic each pair is then scored with the statistic of
+    that pair alone. Inputs: [B] each.
     """
     def one(kw):
         return registry.call(loss_fn, **{k: v[None] for k, v in kw.items()})
@@ -163,14 +163,23 @@ def _compiled(graphdef, loss_fn, optimizer, use_ref: bool):
         ref_c, ref_r = globals()["reference_logps"](graphdef, ref_params, batch)
         return dict(ref_chosen_logps=ref_c, ref_rejected_logps=ref_r)
 
-    def pair_terms(params, ref_inputs, batch):
+    def inputs(params, ref_inputs, batch):
         chosen, rejected, chosen_nll, len_c, len_r = pair_logps(graphdef, params, batch)
-        return per_pair(loss_fn, policy_chosen_logps=chosen, policy_rejected_logps=rejected,
-                        chosen_lengths=len_c, rejected_lengths=len_r, chosen_nll=chosen_nll,
-                        **ref_inputs)
+        return dict(policy_chosen_logps=chosen, policy_rejected_logps=rejected,
+                    chosen_lengths=len_c, rejected_lengths=len_r, chosen_nll=chosen_nll,
+                    **ref_inputs)
 
     def loss_on(params, ref_inputs, batch):
-        return weighted_mean(*pair_terms(params, ref_inputs, batch), batch["valid"])
+        # The loss sees the whole batch (losses.py, "The preference-loss batch contract"):
+        # padding pairs have weight 0, and a batch statistic (BCO's shift, AOT's ranks) is
+        # the whole batch's.
+        return registry.call(loss_fn, **inputs(params, ref_inputs, batch),
+                             weights=batch["valid"])
+
+    def pair_terms(params, ref_inputs, batch):
+        # Per-pair values for the evaluation's per-pair margins (gold agreement): each pair
+        # alone, which for a loss with a batch statistic is the statistic of that pair.
+        return per_pair(loss_fn, **inputs(params, ref_inputs, batch))
 
     def update(params, opt_state, guard, ref_params, batch, step):
         # Reference log-probs once per batch, before and outside the gradient.
