@@ -207,6 +207,18 @@ def batch_normalized(x, mask, eps=1e-6):
     return jnp.where(ok & ~tied, unit / (std_unit + eps / peak), 0.0)
 
 
+@registry.register("advantage", args={})
+def remax(*, rewards, mask, baseline):
+    """ReMax (Li et al. 2024, eq. 7): the sequence return minus the return of the greedy
+    completion of the same prompt, on every valid token. [B, T].
+
+    baseline [B]: the greedy completion's return for each row's prompt (the RL trainer decodes
+    it greedily with the same reward and the KL of a greedy completion; rows of a prompt share
+    it). A variance-reducing baseline that needs no critic and one extra greedy rollout.
+    """
+    return _sequence_advantage(rewards, mask, lambda s: s - _f32(baseline))
+
+
 @registry.register("advantage", args={
     "gamma": _GAMMA, "eps": schema.Float(ge=0, doc="added to the batch std")})
 def reinforce_pp(*, rewards, mask, gamma=1.0, eps=1e-6):

@@ -404,3 +404,13 @@ def test_kl_shaped_rewards_gradient_ignores_minus_inf_padding(estimator):
     assert np.all(np.isfinite(grad)) and grad[0, 2] == 0.0
     clean = np.asarray(jax.grad(f)(logps.at[0, 2].set(-3.0)))
     np.testing.assert_array_equal(grad, clean)
+
+
+def test_remax_subtracts_the_greedy_return():
+    # Sequence returns 0 + 1 = 1 and 2 + 0 = 2 (the padded 9 is not counted); greedy
+    # baselines 0.5 and 1.0: advantages 0.5 and 1.0 on every valid token, 0 on padding.
+    rewards = jnp.array([[0.0, 1.0], [2.0, 9.0]])
+    mask = jnp.array([[1, 1], [1, 0]])
+    adv, returns = advantages.remax(rewards=rewards, mask=mask, baseline=jnp.array([0.5, 1.0]))
+    np.testing.assert_allclose(adv, [[0.5, 0.5], [1.0, 0.0]])
+    np.testing.assert_allclose(returns, [[1.0, 1.0], [2.0, 0.0]])

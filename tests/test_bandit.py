@@ -105,6 +105,7 @@ RL_METHODS = {
     "reinforce_pp": ("reinforce_pp", "ppo_clip(clip_eps=0.2)"),
     "gspo": ("grpo", "gspo"),
     "cispo": ("grpo", "cispo"),
+    "remax": ("remax", "ppo_clip(clip_eps=0.2)"),
 }
 
 
@@ -123,8 +124,11 @@ def _sample_and_train(advantage, policy_loss, *, beta=1.0, steps=600, prompts=16
         arms = jax.random.categorical(key, theta, shape=(n,))
         old = jax.nn.log_softmax(theta)[arms][:, None]
         shaped = (REWARDS[arms][:, None] - beta * (old - log_ref[arms][:, None]))
+        # ReMax's baseline: the shaped reward of the greedy arm.
+        g = jnp.argmax(theta)
+        greedy = REWARDS[g] - beta * (jax.nn.log_softmax(theta)[g] - log_ref[g])
         adv, _ = registry.call(adv_fn, rewards=shaped, mask=mask, values=jnp.zeros_like(mask),
-                               group_size=group)
+                               group_size=group, baseline=jnp.full((n,), greedy))
 
         def loss(t):
             logps = jax.nn.log_softmax(t)[arms][:, None]

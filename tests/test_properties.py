@@ -144,6 +144,8 @@ _INPUTS["pref_loss"].update({
                                          "kl_ref_logps")},
     "desirable": ((B,), st.sampled_from([0.0, 1.0]), "const"),
 })
+# ReMax's baseline: the greedy completion's return of each row's prompt.
+_INPUTS["advantage"]["baseline"] = ((B,), REAL, "diff")
 _INPUTS[None] = _COMMON  # the unregistered helpers
 
 # What of a function's output is differentiated (all of it is checked for finiteness).

@@ -52,6 +52,7 @@ def _config(get_config, workdir, **overrides):
     (grpo_exp.get_config, {"stage": "gspo", "policy_loss": "gspo", "eval_every": 0}),
     (ppo_exp.get_config, {"stage": "reinforce_pp", "advantage": "reinforce_pp",
                           "policy_loss": "cispo", "eval_every": 0}),
+    (ppo_exp.get_config, {"stage": "remax", "advantage": "remax", "eval_every": 0}),
 ])
 def test_variants_run_and_log(sft_workdir, get_config, overrides):
     config = _config(get_config, sft_workdir, **overrides)

@@ -32,7 +32,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import advantages as adv_lib
-from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry
+from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry, sampling
 from rlhf_jax import rewards as rewards_lib, rollout as rollout_lib, schema
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.aggregation import aggregate
@@ -174,6 +174,11 @@ def validate(config) -> int:
                    f"samples, but ppo.epochs={config.ppo.epochs} x ppo.minibatches="
                    f"{config.ppo.minibatches} would reuse them: set both to 1, or use "
                    "policy_loss='ppo_clip' to reuse samples")
+    remax = registry.accepts(registry.get("advantage", config.advantage), "baseline")
+    common.require(not (remax and (r.dynamic_sampling or config.whiten_rewards)),
+                   f"advantage {config.advantage!r} takes a greedy rollout of the same prompts "
+                   "as its baseline; it does not combine with rollout.dynamic_sampling or "
+                   "whiten_rewards")
     common.require(registry.parse(config.kl.controller)[0] != "adaptive" or config.kl.coef > 0,
                    "kl.controller 'adaptive' scales kl.coef multiplicatively, so from "
                    "kl.coef=0 it stays 0: start from a positive kl.coef")
@@ -258,6 +263,7 @@ def train(config, workdir) -> Path:
     policy_params = jax.tree.map(jnp.copy, ref_params)
     adv_fn = registry.get("advantage", config.advantage)
     uses_critic = registry.accepts(adv_fn, "values")
+    uses_greedy = registry.accepts(adv_fn, "baseline")   # ReMax: a greedy rollout per prompt
     terms = rewards_lib.parse(config.reward)
     reward = None
     if "model" in rewards_lib.names(config.reward):
@@ -312,9 +318,8 @@ def train(config, workdir) -> Path:
     kl_estimator = config.kl.estimator
 
     # --- targets: scores, per-token rewards, advantages, returns of a scored rollout ----------
-    def make_targets(rollout, completion_mask, kl_coef):
-        """(advantages, returns, scores) of a rollout from `rollout.sample_and_score`."""
-        m = completion_mask
+    def shaped_rewards(rollout, m, kl_coef):
+        """(scores [N], per-token rewards [N, L]) of a scored rollout."""
         scores = rollout["reward"] - config.missing_eos_penalty * (
             ~rollout["eos"]).astype(jnp.float32)
         if config.reward_clip:
@@ -323,10 +328,22 @@ def train(config, workdir) -> Path:
         rewards = adv_lib.kl_shaped_rewards(
             scores=scores, logps=rollout["logps"], ref_logps=rollout["ref_logps"],
             mask=m, kl_coef=kl_coef if config.kl.in_reward else 0.0, estimator=kl_estimator)
+        return scores, rewards
+
+    def make_targets(rollout, completion_mask, kl_coef, greedy=None):
+        """(advantages, returns, scores) of a rollout from `rollout.sample_and_score`; greedy:
+        the greedy rollout of the same prompts, whose returns are ReMax's baseline."""
+        m = completion_mask
+        scores, rewards = shaped_rewards(rollout, m, kl_coef)
         if config.whiten_rewards:
             rewards = adv_lib.whiten(rewards, m, shift_mean=False)
+        baseline = None
+        if greedy is not None:
+            _, greedy_rewards = shaped_rewards(greedy, greedy["completion_mask"], kl_coef)
+            baseline = jnp.repeat(jnp.sum(greedy_rewards, axis=1), group)
         advantages, returns = registry.call(adv_fn, rewards=rewards, mask=m,
-                                            values=rollout.get("values"), group_size=group)
+                                            values=rollout.get("values"), group_size=group,
+                                            baseline=baseline)
         if config.whiten_advantages:
             advantages = adv_lib.whiten(advantages, m)
         return advantages, returns, scores
@@ -443,6 +460,8 @@ def train(config, workdir) -> Path:
 
         def draw(key):
             batch = next(prompt_it)
+            if uses_greedy:
+                greedy_rollouts.append(greedy_rollout(batch, key))
             placed = common.place_batch({k: np.repeat(batch[k], group, axis=0)
                                          for k in ("tokens", "mask")}, mesh, rules)
             # Old log-probs are recomputed by a training-layout forward, so the first ratio of
@@ -455,6 +474,21 @@ def train(config, workdir) -> Path:
                 value_graphdef=value_graphdef if uses_critic else None,
                 reward_graphdef=None if reward is None else reward[0])
 
+        def greedy_rollout(batch, key):
+            """Each prompt's greedy completion, scored like the samples (ReMax's baseline)."""
+            placed = common.place_batch({k: batch[k] for k in ("tokens", "mask")}, mesh, rules)
+            completion, completion_mask, logps = sampling.generate(
+                (graphdef, params["policy"]), placed["tokens"], placed["mask"], key,
+                max_new_tokens=r.max_new_tokens, temperature=0.0, eos_id=tok.stop_ids,
+                pad_id=tok.pad_id)
+            return rollout_lib.score(
+                graphdef=graphdef, terms=terms, params=score_params, prompt=placed["tokens"],
+                prompt_mask=placed["mask"], completion=completion,
+                completion_mask=completion_mask, sample_logps=logps,
+                temperature=r.temperature, stop_ids=tok.stop_ids, tokenizer=tok,
+                recompute=True, reward_graphdef=None if reward is None else reward[0])
+
+        greedy_rollouts = []
         if r.dynamic_sampling:
             rollout, sampling_metrics = dynamic_sample(draw, k_sample, group=group,
                                                        n_groups=r.prompts_per_step,
@@ -463,7 +497,13 @@ def train(config, workdir) -> Path:
         else:
             rollout, sampling_metrics = draw(k_sample), {}
         completion, completion_mask = rollout["completion"], rollout["completion_mask"]
-        advantages, returns, scores = make_targets(rollout, completion_mask, kl_state.kl_coef)
+        greedy = greedy_rollouts[0] if greedy_rollouts else None
+        if greedy is not None:
+            greedy = {k: greedy[k] for k in ("reward", "eos", "logps", "ref_logps",
+                                             "completion_mask")}
+            sampling_metrics["rollout/greedy_reward"] = jnp.mean(greedy["reward"])
+        advantages, returns, scores = make_targets(rollout, completion_mask, kl_state.kl_coef,
+                                                   greedy)
         # DAPO's overlong filtering (Yu et al. 2025, sec. 3.4): a completion the sampler cut
         # at max_new_tokens (no stop id) takes no part in the loss; it still shaped its
         # group's advantages above.
