@@ -156,3 +156,40 @@ def test_policy_gradient_methods_reach_the_kl_regularised_optimum(name):
     # stays noisy around it: 0.006 and 0.009 over two seeds.
     tol = 0.02 if name == "ppo_gae_no_critic" else 1e-3
     assert _tv(pi, target) < tol < _tv(PI_REF, target), (name, _tv(pi, target))
+
+
+def test_online_dpo_reaches_the_kl_regularised_optimum():
+    """Online DPO: pairs sampled from the current policy (not pi_ref), labelled by Bradley-Terry
+    draws from the reward, and one DPO step each. The population optimum of DPO does not
+    depend on which pairs are compared as long as every pair can be, so the policy still
+    settles at pi_ref exp(r / beta) / Z; the noise of the labels keeps it near (TV < 0.03;
+    0.005 measured)."""
+    beta, n, steps = 1.0, 256, 800
+    opt = optax.adam(0.02)
+    log_ref = jnp.log(PI_REF)
+
+    def step(carry, key):
+        theta, state = carry
+        k1, k2, k3 = jax.random.split(key, 3)
+        a = jax.random.categorical(k1, theta, shape=(n,))
+        b = jax.random.categorical(k2, theta, shape=(n,))
+        a_wins = jax.random.bernoulli(k3, jax.nn.sigmoid(REWARDS[a] - REWARDS[b]))
+        chosen, rejected = jnp.where(a_wins, a, b), jnp.where(a_wins, b, a)
+
+        def loss(t):
+            logp = jax.nn.log_softmax(t)
+            return losses.dpo(policy_chosen_logps=logp[chosen], ref_chosen_logps=log_ref[chosen],
+                              policy_rejected_logps=logp[rejected],
+                              ref_rejected_logps=log_ref[rejected], beta=beta,
+                              weights=(a != b).astype(jnp.float32))[0]
+
+        updates, state = opt.update(jax.grad(loss)(theta), state, theta)
+        return (optax.apply_updates(theta, updates), state), jax.nn.softmax(theta)
+
+    theta = jnp.log(PI_REF)
+    keys = jax.random.split(jax.random.key(0), steps)
+    _, history = jax.jit(lambda c: jax.lax.scan(step, c, keys))((theta, opt.init(theta)))
+    pi = jnp.mean(history[-steps // 4:], axis=0)
+    target = PI_REF * jnp.exp(REWARDS / beta)
+    target = target / jnp.sum(target)
+    assert _tv(pi, target) < 0.03 < _tv(PI_REF, target), _tv(pi, target)

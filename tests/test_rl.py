@@ -182,3 +182,29 @@ def test_dynamic_sampling_refills_and_never_trains_on_a_tied_group(sft_workdir):
     sft_params = common.load_stage(sft_workdir / "sft")[1]
     for a, b in zip(jax.tree.leaves(sft_params), jax.tree.leaves(common.load_stage(stage)[1])):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_online_dpo_pairs_the_best_and_worst_sample_of_each_prompt(sft_workdir):
+    """online_pref_loss: the RL trainer samples, scores with the reward, and trains a
+    preference loss on each prompt's best and worst sample. At the first update the policy is
+    the reference, so the DPO loss is log 2 on every pair."""
+    config = _config(grpo_exp.get_config, sft_workdir, stage="online_dpo", eval_every=0,
+                     online_pref_loss="dpo(beta=0.1)",
+                     **{"rollout.samples_per_prompt": 2, "ppo.minibatches": 1, "ppo.epochs": 1,
+                        "log_every": 1})
+    rows = [r for r in read_metrics(ppo_exp.main(config, sft_workdir)) if "objective/kl" in r]
+    assert rows[0]["dpo/loss"] == pytest.approx(np.log(2), abs=1e-5)
+    assert all(np.isfinite(r["dpo/margin"]) for r in rows)
+    assert rows[-1]["objective/kl"] > 0          # the policy moved away from the reference
+
+
+def test_online_pref_loss_needs_groups_of_two_or_more(tmp_path):
+    from rlhf_jax.errors import ConfigError
+    from rlhf_jax.trainers import rl
+    config = _config(grpo_exp.get_config, tmp_path, online_pref_loss="dpo",
+                     **{"rollout.samples_per_prompt": 1, "ppo.minibatches": 1,
+                        "advantage": "reinforce"})
+    with pytest.raises(ConfigError, match="samples_per_prompt >= 2"):
+        rl.validate(config)
+    with pytest.raises(ConfigError, match="unknown pref_loss 'dop'"):
+        _config(grpo_exp.get_config, tmp_path, online_pref_loss="dop")

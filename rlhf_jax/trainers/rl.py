@@ -68,6 +68,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.whiten_rewards = False
     c.whiten_advantages = True
     c.entropy_coef = 0.0
+    c.online_pref_loss = ""      # a pref_loss (e.g. "dpo(beta=0.1)"): online DPO; "" = off
     c.optim = common.optim_config(lr=3e-4, warmup_steps=5, schedule="constant")
     c.steps = 20
     c.log_every = 5
@@ -128,11 +129,23 @@ SCHEMA = {
     "whiten_rewards": schema.Bool(doc="rescale each batch's per-token rewards to unit std"),
     "whiten_advantages": schema.Bool(doc="normalise advantages per batch"),
     "entropy_coef": schema.Float(ge=0, doc="entropy bonus weight"),
+    "online_pref_loss": schema.Field(
+        "str", rule=lambda v: None if not v else _pref_loss_problem(v),
+        doc="online DPO: a preference loss on the best and worst sample of each prompt by "
+            "reward, in place of the policy loss; '' = off"),
     "optim": fields.OPTIM,
     **fields.loop(eval_every=True),
     "eval_prompts": schema.Int(ge=1, doc="held-out prompts per evaluation (<= 256 or a "
                                          "multiple of 256)"),
 }
+
+
+def _pref_loss_problem(spec: str) -> str | None:
+    try:
+        registry.validate("pref_loss", spec)
+    except ValueError as e:
+        return str(e)
+    return None
 
 
 def validate(config) -> int:
@@ -174,6 +187,11 @@ def validate(config) -> int:
                    f"samples, but ppo.epochs={config.ppo.epochs} x ppo.minibatches="
                    f"{config.ppo.minibatches} would reuse them: set both to 1, or use "
                    "policy_loss='ppo_clip' to reuse samples")
+    common.require(not config.online_pref_loss or (
+        r.samples_per_prompt >= 2 and config.ppo.minibatches == 1),
+        "online_pref_loss pairs the best and worst sample of each prompt: set "
+        "rollout.samples_per_prompt >= 2 and ppo.minibatches=1 (a minibatch keeps whole "
+        "groups)")
     remax = registry.accepts(registry.get("advantage", config.advantage), "baseline")
     common.require(not (remax and (r.dynamic_sampling or config.whiten_rewards)),
                    f"advantage {config.advantage!r} takes a greedy rollout of the same prompts "
@@ -262,7 +280,10 @@ def train(config, workdir) -> Path:
     sources = {"init_from": sft_meta["source"], "reward_from": None}
     policy_params = jax.tree.map(jnp.copy, ref_params)
     adv_fn = registry.get("advantage", config.advantage)
-    uses_critic = registry.accepts(adv_fn, "values")
+    online_fn = (registry.get("pref_loss", config.online_pref_loss)
+                 if config.online_pref_loss else None)
+    # Online DPO replaces the policy loss, so the advantage (and a critic) go unused.
+    uses_critic = registry.accepts(adv_fn, "values") and online_fn is None
     uses_greedy = registry.accepts(adv_fn, "baseline")   # ReMax: a greedy rollout per prompt
     terms = rewards_lib.parse(config.reward)
     reward = None
@@ -356,11 +377,35 @@ def train(config, workdir) -> Path:
     params = {"policy": policy_params, "value": value_params}
     opt_state = jax.jit(optimizer.init)(params)
 
+    def online_pref_loss(logps, mb):
+        """Online DPO (Guo et al. 2024): each prompt's best and worst sample by score form a
+        pair, scored by a preference loss under the sampling policy's reference; groups whose
+        scores are all equal give no pair (weight 0)."""
+        m = mb["completion_mask"]
+        seq = jnp.sum(logps, axis=1).reshape(-1, group)
+        ref = jnp.sum(jnp.where(m > 0, mb["ref_logps"], 0.0), axis=1).reshape(-1, group)
+        lengths = jnp.sum(m, axis=1).astype(jnp.float32).reshape(-1, group)
+        scores = mb["scores"].reshape(-1, group)
+        best, worst = jnp.argmax(scores, axis=1), jnp.argmin(scores, axis=1)
+
+        def pick(x, i):
+            return jnp.take_along_axis(x, i[:, None], axis=1)[:, 0]
+        chosen_len = pick(lengths, best)
+        return registry.call(
+            online_fn, policy_chosen_logps=pick(seq, best), policy_rejected_logps=pick(seq, worst),
+            ref_chosen_logps=pick(ref, best), ref_rejected_logps=pick(ref, worst),
+            chosen_lengths=chosen_len, rejected_lengths=pick(lengths, worst),
+            chosen_nll=-pick(seq, best) / jnp.maximum(chosen_len, 1.0),
+            weights=(jnp.max(scores, axis=1) > jnp.min(scores, axis=1)).astype(jnp.float32))
+
     def loss_fn(params, mb, kl_coef):
         logits, _ = model.apply(graphdef, params["policy"], mb["seq"], mask_bt=mb["seq_mask"])
         logits = logits[:, p_len - 1:-1]
         m = mb["completion_mask"]
         logps = model.token_logprobs(logits, mb["completion"], m, temperature=r.temperature)
+        if online_fn is not None:
+            loss, metrics = online_pref_loss(logps, mb)
+            return loss, {**metrics, "train/loss": loss}
         loss, metrics = registry.call(policy_loss_fn, logps=logps, old_logps=mb["logps"],
                                       advantages=mb["advantages"], mask=m, agg=config.loss_agg)
         ent = aggregate(model.entropy(logits, m, temperature=r.temperature), m, config.loss_agg)
@@ -388,6 +433,8 @@ def train(config, workdir) -> Path:
         e, k = config.ppo.epochs, config.ppo.minibatches
         perms = jax.vmap(lambda key: jax.random.permutation(key, n_rollout))(
             jax.random.split(rng, e))
+        if online_fn is not None:       # whole groups, in order: the pairs are formed in them
+            perms = jnp.tile(jnp.arange(n_rollout), (e, 1))
         order = perms.reshape(e * k, n_rollout // k)
 
         def one(carry, idx):
@@ -514,7 +561,7 @@ def train(config, workdir) -> Path:
         train_batch = {"seq": rollout["seq"], "seq_mask": rollout["seq_mask"],
                        "completion": completion, "completion_mask": loss_mask,
                        "logps": rollout["logps"], "ref_logps": rollout["ref_logps"],
-                       "advantages": advantages, "returns": returns}
+                       "advantages": advantages, "returns": returns, "scores": scores}
         if uses_critic:
             train_batch["values"] = rollout["values"]
         log_now = (step + 1) % config.log_every == 0 or step + 1 == config.steps
