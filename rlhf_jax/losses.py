@@ -203,6 +203,16 @@ def _log_ratios(rows, policy_chosen_logps, policy_rejected_logps, ref_chosen_log
             rows.take(policy_rejected_logps) - rows.take(ref_rejected_logps))
 
 
+def _implicit_rewards(weights, beta, policy_chosen_logps, policy_rejected_logps,
+                      ref_chosen_logps, ref_rejected_logps):
+    """What the DPO family starts from: (rows, log-ratios lr+ and lr-, implicit rewards
+    beta * lr+ and beta * lr-), each [B] and 0 on padding rows."""
+    rows = _Rows(weights, policy_chosen_logps)
+    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
+                             ref_chosen_logps, ref_rejected_logps)
+    return rows, lr_c, lr_r, beta * lr_c, beta * lr_r
+
+
 def _with_reference_point(statistic):
     """Declares `statistic` (same inputs as the loss) as what the loss takes as reference_point.
 
@@ -259,10 +269,9 @@ def dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     """
     _check_beta("dpo", beta)
     _check_smoothing("dpo", label_smoothing)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     h = chosen - rejected
     loss = rows.mean((1.0 - label_smoothing) * jax.nn.softplus(-h)
                      + label_smoothing * jax.nn.softplus(h))
@@ -382,10 +391,9 @@ def hinge(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_r
       beta * log(pi / pi_ref), their margin and accuracy.
     """
     _check_beta("hinge", beta)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     loss = rows.mean(jax.nn.relu(1.0 - (chosen - rejected)))
     return loss, {"hinge/loss": loss,
                   **_implicit_reward_metrics("hinge", chosen, rejected, rows)}
@@ -407,10 +415,9 @@ def robust_dpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     """
     _check_beta("robust_dpo", beta)
     _check_smoothing("robust_dpo", label_smoothing)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     h = chosen - rejected
     per_pair = ((1.0 - label_smoothing) * jax.nn.softplus(-h)
                 - label_smoothing * jax.nn.softplus(h)) / (1.0 - 2.0 * label_smoothing)
@@ -440,10 +447,9 @@ def exo_pair(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     _check_beta("exo_pair", beta)
     _require(_in_range(label_smoothing, 1e-30, 0.5),
              f"exo_pair: label_smoothing must be in (0, 0.5), got {label_smoothing}")
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     h = chosen - rejected
     log_p, log_q = -jax.nn.softplus(-h), -jax.nn.softplus(h)  # log sigmoid(+-h)
     per_pair = (jax.nn.sigmoid(h) * (log_p - jnp.log1p(-label_smoothing))
@@ -466,10 +472,9 @@ def nca_pair(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     margin and accuracy.
     """
     _check_beta("nca_pair", beta)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     per_pair = (jax.nn.softplus(-chosen) + 0.5 * jax.nn.softplus(chosen)
                 + 0.5 * jax.nn.softplus(rejected))
     loss = rows.mean(per_pair)
@@ -504,10 +509,9 @@ def bco_pair(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     accuracy.
     """
     _check_beta("bco_pair", beta)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     if reference_point is None:
         delta = bco_pair_reference_point(
             policy_chosen_logps=policy_chosen_logps, policy_rejected_logps=policy_rejected_logps,
@@ -553,10 +557,9 @@ def apo_zero(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     apo_zero/loss, the implicit rewards, their margin and accuracy.
     """
     _check_beta("apo_zero", beta)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     loss = rows.mean(jax.nn.sigmoid(-chosen) + jax.nn.sigmoid(rejected))
     return loss, {"apo_zero/loss": loss,
                   **_implicit_reward_metrics("apo_zero", chosen, rejected, rows)}
@@ -572,10 +575,9 @@ def apo_down(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
     (loss, metrics) with apo_down/loss, the implicit rewards, their margin and accuracy.
     """
     _check_beta("apo_down", beta)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     loss = rows.mean(jax.nn.sigmoid(chosen) + jax.nn.sigmoid(-(chosen - rejected)))
     return loss, {"apo_down/loss": loss,
                   **_implicit_reward_metrics("apo_down", chosen, rejected, rows)}
@@ -639,10 +641,9 @@ def rpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rej
     their margin and accuracy.
     """
     _check_beta("rpo", beta)
-    rows = _Rows(weights, policy_chosen_logps)
-    lr_c, lr_r = _log_ratios(rows, policy_chosen_logps, policy_rejected_logps,
-                             ref_chosen_logps, ref_rejected_logps)
-    chosen, rejected = beta * lr_c, beta * lr_r
+    rows, lr_c, lr_r, chosen, rejected = _implicit_rewards(
+        weights, beta, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
+        ref_rejected_logps)
     dpo_loss = rows.mean(jax.nn.softplus(-(chosen - rejected)))
     nll = rows.mean(rows.take(chosen_nll))
     loss = dpo_loss + alpha * nll
