@@ -126,3 +126,12 @@ def test_every_token_reward_runs_under_jit_as_eagerly():
         out, eager = jax.jit(fn)(inputs, rm), fn(inputs, rm)
         assert out.shape == (3,) and np.all(np.isfinite(out)), name
         np.testing.assert_allclose(out, eager, rtol=1e-5, atol=1e-6)
+
+
+def test_gold_fields_are_read_off_the_records():
+    from rlhf_jax.trainers import common
+    with_gold = [{"prompt": "p", "chosen": "a", "rejected": "b", "gold_chosen": 1.0,
+                  "gold_rejected": 0.5}]
+    assert common.gold_fields(with_gold) == ("gold_chosen", "gold_rejected")
+    assert common.gold_fields([{"prompt": "p", "chosen": "a", "rejected": "b"}]) == ()
+    assert common.gold_fields([]) == ()

@@ -312,6 +312,20 @@ def _prepared_datasets(data_dir: Path) -> list[str]:
     return sorted(found)
 
 
+GOLD_FIELDS = ("gold_chosen", "gold_rejected")
+
+
+def gold_fields(source) -> tuple[str, ...]:
+    """The gold-reward fields the pair records of `source` carry (the testbed's do; HH-RLHF's
+    and TL;DR's do not): what an evaluation can compare a model's preferences with. Read off
+    the first record, so a trainer asks the data, not which source it came from."""
+    if not len(source):
+        return ()
+    first = source[0]
+    return GOLD_FIELDS if hasattr(first, "keys") and all(k in first for k in GOLD_FIELDS) \
+        else ()
+
+
 def check_data(data, *, batch_size: int) -> None:
     """The data fields that only make sense together, checked when the config is read: a TFDS
     source names its dataset; prompts fit the buckets with room for a response (the checks of

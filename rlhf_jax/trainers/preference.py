@@ -262,8 +262,6 @@ def train(config, workdir) -> Path:
     params = _copy(params)
 
     # --- data --------------------------------------------------------------------------------
-    # The pairs' gold rewards are fields of the testbed's records, whatever the tokenizer.
-    extra = ("gold_chosen", "gold_rejected") if config.data.source == "synthetic" else ()
     train_it = batching.make_iterator(
         common.data_source(config.data, "pairs", "train", workdir), kind="pairs",
         tokenizer=tok, config=common.batch_config(config.data, batch_size=config.data.batch_size,
@@ -325,9 +323,11 @@ def train(config, workdir) -> Path:
 
     # --- eval: test pairs -------------------------------------------------------------------
     if config.eval_batches:
+        test_source = common.data_source(config.data, "pairs", "test", workdir)
+        # Gold rewards are fields of the records (the testbed's), whatever the tokenizer.
+        extra = common.gold_fields(test_source)
         test_it = batching.make_iterator(
-            common.data_source(config.data, "pairs", "test", workdir), kind="pairs",
-            tokenizer=tok, extra_fields=extra,
+            test_source, kind="pairs", tokenizer=tok, extra_fields=extra,
             config=common.batch_config(config.data, batch_size=config.data.batch_size,
                                        seed=config.seed, shuffle=False, num_epochs=1,
                                        drop_remainder=False), name="pairs/test",

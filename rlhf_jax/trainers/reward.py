@@ -255,7 +255,6 @@ def train(config, workdir) -> Path:
                    f"max_len is {model_cfg.max_len}; lower data.buckets")
 
     # --- data ---------------------------------------------------------------------------------
-    gold_fields = ("gold_chosen", "gold_rejected") if config.data.source == "synthetic" else ()
     kind = _data_kind(config)
     train_cfg = common.batch_config(config.data, batch_size=config.data.batch_size,
                                     seed=config.seed)
@@ -365,8 +364,10 @@ def train(config, workdir) -> Path:
         norm["rm/sft_gold_std"] = float(samples["gold"].std())
 
     # --- eval: held-out pairs -----------------------------------------------------------------
+    test_source = common.data_source(config.data, "pairs", "test", workdir)
+    gold_fields = common.gold_fields(test_source)      # the testbed's records carry them
     test_it = batching.make_iterator(
-        common.data_source(config.data, "pairs", "test", workdir), kind="pairs", tokenizer=tok,
+        test_source, kind="pairs", tokenizer=tok,
         config=common.batch_config(config.data, batch_size=config.data.batch_size,
                                    seed=config.seed, shuffle=False, num_epochs=1,
                                    drop_remainder=False),
