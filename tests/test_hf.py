@@ -121,6 +121,8 @@ def test_logits_match_transformers(family, checkpoints, loaded):
     ref = hf_logits(m, ids, mask)
     real = mask.astype(bool)
     assert np.abs(ref[real]).max() > 0.5                   # not a vacuous comparison
+    # docs/model.md quotes these (pytest tests/test_hf.py -k logits_match -s prints them).
+    print(f"\n{family}: max |logit difference| {np.abs(ours - ref)[real].max():.1e}")
     np.testing.assert_allclose(ours[real], ref[real], atol=TOL, rtol=0)
 
 
