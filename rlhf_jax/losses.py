@@ -150,7 +150,7 @@ def plackett_luce(*, rewards):
    any arithmetic (as `aggregation.select` does for token masks), so a padding row changes
    no output and gets a gradient of exactly 0. weights=None means all ones.
 3. (loss, metrics): the loss and every metric are weighted means over rows,
-   sum_b w_b x_b / max(sum_b w_b, 1) (as `trainers.preference.weighted_mean`), so the loss of
+   sum_b w_b x_b / max(sum_b w_b, 1) (padding selected away before weighting), so the loss of
    a batch split into micro-batches with weight sums S1, S2 >= 1 and losses L1, L2 is
    (S1 L1 + S2 L2) / (S1 + S2): the micro-batches add up to the whole batch exactly.
 4. Batch statistics. A loss whose formula uses a statistic of the batch (BCO's reward shift,

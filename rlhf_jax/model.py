@@ -364,7 +364,6 @@ class Attention(nnx.Module):
         self.k_norm = Norm(cfg, dim=k, kind="rmsnorm") if cfg.qk_norm else None
         self.n_heads, self.n_kv_heads, self.head_dim = h, g, k
         self.position = cfg.position
-        self.theta = cfg.rope_theta
         # Static per-layer constants (hashable, part of the graphdef): the rope arguments and
         # the query scale (Gemma: query_pre_attn_scalar**-0.5 instead of K**-0.5).
         self.rope_args = tuple(sorted(layer_rope(cfg, layer).items()))

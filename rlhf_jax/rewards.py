@@ -126,14 +126,6 @@ class Term:
     fn: Callable                 # the registered function, arguments bound
     host: bool                   # reads decoded text on the host
 
-    @property
-    def needs(self) -> set[str]:
-        """The rollout inputs the function takes (reward_model, tables, texts, ...)."""
-        import inspect
-        fn = self.fn
-        bound = fn.keywords if hasattr(fn, "keywords") else {}
-        return {p for p in inspect.signature(fn).parameters if p not in bound}
-
 
 def _split(expr: str) -> list[tuple[float, str]]:
     """'a + 0.1*b(x=1) - c' -> [(1, 'a'), (0.1, 'b(x=1)'), (-1, 'c')]: + and - outside

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from _pairs import weighted_mean
 from rlhf_jax import losses, registry
 
 
@@ -598,7 +599,7 @@ def test_pref_losses_without_a_batch_statistic_match_the_per_pair_path(name):
     fn = registry.get("pref_loss", name)
     x = _batch()
     w = jnp.array([1.0, 0.0, 2.0, 1.0, 1.0])
-    loss, metrics = jax.jit(lambda x: preference.weighted_mean(*preference.per_pair(fn, **x),
+    loss, metrics = jax.jit(lambda x: weighted_mean(*preference.per_pair(fn, **x),
                                                                w))(x)
     (direct, direct_m), _ = _value_and_grad(name)(x, {"weights": w})
     assert float(direct) == pytest.approx(float(loss), rel=1e-5)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from _pairs import weighted_mean
 from experiments import dpo as dpo_exp
 from experiments import sft as sft_exp
 from rlhf_jax import experiment, registry
@@ -177,7 +178,7 @@ def test_padding_pairs_carry_no_weight():
                   policy_rejected_logps=jnp.array([-4.0, -2.5, 7.0]),
                   ref_chosen_logps=jnp.array([-3.5, -1.2, 0.0]),
                   ref_rejected_logps=jnp.array([-3.0, -2.0, jnp.nan]))
-    loss, m = preference.weighted_mean(*preference.per_pair(loss_fn, **inputs),
+    loss, m = weighted_mean(*preference.per_pair(loss_fn, **inputs),
                                        jnp.array([1, 1, 0]))
     want, want_m = loss_fn(**{k: v[:2] for k, v in inputs.items()})
     np.testing.assert_allclose(loss, want, rtol=1e-6)
