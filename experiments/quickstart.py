@@ -126,7 +126,7 @@ def evaluate(config, workdir: Path) -> dict:
     evaluator = evaluation.Evaluator(
         graphdef=graphdef, ref_params=sft_params, prompts=prompts,
         max_new_tokens=config.eval.max_new_tokens, eos_id=tok.eos_id, pad_id=tok.pad_id,
-        reward=reward[:2], testbed=common.testbed())
+        reward=reward[:2], gold=common.gold(ppo_cfg.data, tok), tokenizer=tok)
     key = jax.random.key(config.eval.seed)
     n = config.eval.samples
     methods = {"SFT": evaluator.policy_metrics(sft_params, key, n=n)}

@@ -4,7 +4,8 @@ and measure the sequence KL to the reference; best-of-n as a policy.
 Every method of the pipeline (SFT, PPO, DPO, best-of-n) is evaluated by the same functions so
 the report compares like with like:
 
-  gold/reward   mean r*(x, y) of the testbed (when a testbed is given), and gold/reward_std
+  gold/reward   mean of the data source's gold reward (when it has one: r*(x, y) of the review
+                testbed, the exact-match rate of the arithmetic task), and gold/reward_std
   rm/score      mean reward-model score (when a reward model is given)
   objective/kl  mean over responses of sum_t [log pi(y_t) - log pi_ref(y_t)] (k1, sequence level)
   response/length, response/eos_rate
@@ -32,21 +33,26 @@ class Evaluator:
       graphdef: the policy graphdef (shared by the policy and the reference).
       ref_params: the reference policy (KL is measured against it).
       prompts: a list of prompt batches, each {"tokens": [B, P], "mask": [B, P]} (left-padded),
-        optionally with "valid" [B] (the padding rows of a final partial batch are dropped).
+        optionally with "valid" [B] (the padding rows of a final partial batch are dropped)
+        and the text fields [B] the gold reward reads (a verifier's answer).
       max_rows: samples generated and scored per compiled call.
       reward: optional (graphdef, params) of a reward model.
-      testbed: optional synthetic.Testbed for the gold reward.
+      gold: optional `sources.Gold` of the data (`common.gold`): the reward reported as
+        gold/reward (the review testbed's r*, the arithmetic task's exact match).
+      tokenizer: decodes completions for a gold reward that reads text.
       place: puts a host batch {"tokens", "mask"} on the devices (a trainer passes its mesh
         placement, so the samples are split over the data axis); default: jnp.asarray.
     """
 
     def __init__(self, *, graphdef, ref_params, prompts, max_new_tokens: int, eos_id,
-                 pad_id: int, reward=None, testbed=None, temperature: float = 1.0,
-                 max_rows: int = 1024, place=None):
+                 pad_id: int, reward=None, gold=None, tokenizer=None,
+                 temperature: float = 1.0, max_rows: int = 1024, place=None):
         self.graphdef, self.ref_params = graphdef, ref_params
         self.max_new_tokens, self.eos_id, self.pad_id = max_new_tokens, eos_id, pad_id
         self.temperature = float(temperature)
-        self.reward, self.testbed = reward, testbed
+        self.reward, self.gold, self.tokenizer = reward, gold, tokenizer
+        self.gold_terms = rewards_lib.parse(gold.expr) if gold is not None else ()
+        wanted = rewards_lib.record_fields(self.gold_terms)
         if max_rows < 1:
             raise ValueError(f"max_rows={max_rows} must be positive")
         self.max_rows = max_rows
@@ -55,14 +61,20 @@ class Evaluator:
             raise ValueError("Evaluator needs at least one batch of held-out prompts")
         # One [prompts, P] array, left-padded to the longest batch, padding rows dropped.
         p = max(np.shape(b["tokens"])[1] for b in prompts)
-        tokens, masks = [], []
+        tokens, masks, fields = [], [], {k: [] for k in wanted}
         for batch in prompts:
             t, m = np.asarray(batch["tokens"]), np.asarray(batch["mask"])
             valid = np.asarray(batch.get("valid", np.ones(t.shape[0]))).astype(bool)
             pad = ((0, 0), (p - t.shape[1], 0))
             tokens.append(np.pad(t, pad, constant_values=pad_id)[valid])
             masks.append(np.pad(m, pad)[valid])
+            for k in wanted:
+                if k not in batch:
+                    raise ValueError(f"the gold reward {gold.expr!r} reads the prompts' {k!r} "
+                                     "field, which these prompt batches do not carry")
+                fields[k].append(np.asarray(batch[k], object)[valid])
         self.tokens, self.mask = np.concatenate(tokens), np.concatenate(masks)
+        self.fields = {k: np.concatenate(v) for k, v in fields.items()}
         if not len(self.tokens):
             raise ValueError("Evaluator needs at least one valid held-out prompt")
         if not np.all(self.mask.any(axis=1)):
@@ -73,8 +85,7 @@ class Evaluator:
         return len(self.tokens)
 
     # What `samples` returns, from the rollout's keys.
-    _KEYS = {"length": "length", "eos": "eos", "kl": "kl", "rm": "reward/model",
-             "gold": "reward/gold"}
+    _KEYS = {"length": "length", "eos": "eos", "kl": "kl", "rm": "reward/model"}
 
     def samples(self, policy, rng, *, n: int = 1, kl: bool = True, prompts: int = 0
                 ) -> dict[str, np.ndarray]:
@@ -86,12 +97,11 @@ class Evaluator:
         evaluated with the same rng share their random numbers. kl=False skips the reference
         pass (best-of-n of the reference itself needs no KL)."""
         terms = rewards_lib.parse("model") if self.reward is not None else ()
-        monitor = rewards_lib.parse("gold") if self.testbed is not None else ()
         params = {"ref": self.ref_params} if kl else {}
         if self.reward is not None:
             params["reward"] = self.reward[1]
-        if self.testbed is not None:
-            params["tables"] = self.testbed.tables
+        if self.gold is not None:
+            params.update(self.gold.inputs)
         num = min(prompts, self.num_prompts) if prompts > 0 else self.num_prompts
         total = num * n
         chunk = min(self.max_rows, total)
@@ -103,14 +113,17 @@ class Evaluator:
             placed = self.place({"tokens": self.tokens[idx], "mask": self.mask[idx]})
             # The sampler's own log-probs serve as log pi (no second policy forward).
             r = rollout.sample_and_score(
-                graphdef=self.graphdef, terms=terms, monitor=monitor,
+                graphdef=self.graphdef, terms=terms, monitor=self.gold_terms,
                 params={"policy": policy, **params}, prompt=placed["tokens"],
                 prompt_mask=placed["mask"], rng=jax.random.fold_in(rng, i),
                 max_new_tokens=self.max_new_tokens, temperature=self.temperature,
-                stop_ids=self.eos_id, pad_id=self.pad_id,
+                stop_ids=self.eos_id, pad_id=self.pad_id, tokenizer=self.tokenizer,
+                fields={k: v[idx] for k, v in self.fields.items()},
                 reward_graphdef=None if self.reward is None else self.reward[0])
-            out.append(jax.device_get({name: r[key] for name, key in self._KEYS.items()
-                                       if key in r}))
+            got = {name: r[key] for name, key in self._KEYS.items() if key in r}
+            if self.gold_terms:
+                got["gold"] = rewards_lib.total(self.gold_terms, r)
+            out.append(jax.device_get(got))
         return {k: np.concatenate([np.asarray(o[k]) for o in out])[:total] for k in out[0]}
 
     def policy_metrics(self, params, rng, *, n: int = 1) -> dict[str, float]:

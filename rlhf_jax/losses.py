@@ -138,13 +138,16 @@ def plackett_luce(*, rewards):
 # Direct alignment (summed sequence log-probs, shape [B])
 # ---------------------------------------------------------------------------------------------
 
-"""The preference-loss batch contract: what every `pref_loss` takes and returns.
+"""The preference-loss batch contract: what every `pref_loss` (and `unpaired_loss`) takes and
+returns.
 
 1. The whole batch, keyword-only. Every input is a [B] array with one entry per row (a pair;
-   for `kto`, one completion): policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
-   ref_rejected_logps (summed completion log-probs), chosen_lengths, rejected_lengths
-   (completion tokens), chosen_nll (the chosen completion's mean token NLL). Each loss
-   declares the ones it needs and the registry passes exactly those (`registry.call`).
+   for an `unpaired_loss` such as `kto`, one completion): policy_chosen_logps,
+   policy_rejected_logps, ref_chosen_logps, ref_rejected_logps (summed completion log-probs),
+   chosen_lengths, rejected_lengths (completion tokens), chosen_nll (the chosen completion's
+   mean token NLL); for unpaired rows policy_logps, ref_logps, desirable and the mismatched
+   rows' kl_policy_logps, kl_ref_logps, kl_weights. Each loss declares the ones it needs and
+   the registry passes exactly those (`registry.call`).
 2. weights [B], float: a row is real where weight > 0; anything else (0, -0, NaN) is padding.
    Padding rows may hold anything (NaN, inf): every input is selected with jnp.where before
    any arithmetic (as `aggregation.select` does for token masks), so a padding row changes
@@ -688,6 +691,7 @@ _KTO_ARGS = {"beta": _BETA,
              "undesirable_weight": schema.Float(ge=0, doc="lambda_U, weight of undesirable rows")}
 
 
+@registry.register("unpaired_loss", args=_KTO_ARGS)
 @_with_reference_point(kto_reference_point)
 def kto(*, policy_logps, ref_logps, desirable, kl_policy_logps=None, kl_ref_logps=None,
         kl_weights=None, reference_point=None, beta=0.1, desirable_weight=1.0,
@@ -708,8 +712,9 @@ def kto(*, policy_logps, ref_logps, desirable, kl_policy_logps=None, kl_ref_logp
       beta, desirable_weight (lambda_D), undesirable_weight (lambda_U): the paper suggests
         lambda_D n_D / (lambda_U n_U) in [1, 4/3] for n_D desirable and n_U undesirable rows.
       weights: [B] or None (the batch contract above).
-    Not registered: the `pref_loss` kind takes paired rows, which `kto_pair` adapts; a trainer
-    for unpaired data calls this directly.
+    Registered under its own kind, `unpaired_loss` (one completion per row), not `pref_loss`
+    (pairs; `kto_pair` is KTO on those): the preference trainer picks its unpaired path for
+    config.pref_loss="kto(...)" and feeds it the mismatched rows of z0.
     Returns: (loss, metrics) with kto/loss, kto/reference_point (z0), kto/reward (the mean of
       beta * r), kto/margin (the mean of beta * (r - z0) signed + for desirable rows and - for
       undesirable ones: how far rows sit on their side of z0) and kto/accuracy (the share on

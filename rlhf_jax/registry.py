@@ -17,6 +17,8 @@ Kinds and the calling convention of their functions:
   reward_loss   (*, chosen_rewards, rejected_rewards, ...) or (*, rewards) -> (loss, metrics)
   pref_loss     (*, policy_chosen_logps, policy_rejected_logps, [ref_*_logps], [*_lengths], ...)
                 -> (loss, metrics)
+  unpaired_loss (*, policy_logps, ref_logps, desirable, [kl_policy_logps, kl_ref_logps,
+                kl_weights], ...) -> (loss, metrics)   one completion per row (KTO)
   policy_loss   (*, logps, advantages, mask, [old_logps], ...) -> (loss, metrics)
   advantage     (*, rewards, mask, [values], [group_size], ...) -> (advantages, returns)  [B, T]
   kl_estimator  (*, logps, ref_logps) -> per-token estimate
@@ -39,13 +41,13 @@ from typing import Any, Callable
 
 from rlhf_jax.errors import ConfigError
 
-KINDS = ("reward_loss", "pref_loss", "policy_loss", "advantage", "kl_estimator",
-         "kl_controller", "loss_agg", "reward")
+KINDS = ("reward_loss", "pref_loss", "unpaired_loss", "policy_loss", "advantage", "kl_estimator",
+         "kl_controller", "loss_agg", "reward", "data_source")
 
 # Modules whose import registers functions; loaded on the first lookup so that the registry
 # itself imports nothing and can be imported from any of them.
 _PROVIDERS = ("rlhf_jax.aggregation", "rlhf_jax.kl", "rlhf_jax.losses", "rlhf_jax.advantages",
-              "rlhf_jax.rewards")
+              "rlhf_jax.rewards", "rlhf_jax.data.sources")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 # kind -> name -> {argument: schema.Field}: the arguments a config string may set.

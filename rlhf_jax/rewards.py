@@ -20,6 +20,8 @@ calls it through `registry.call`), returning scores [N] float32:
   reward_model                  (graphdef, params) of a reward model, for "model"
   tables                        the testbed's gold tables, for "gold"
   texts                         the decoded completions (a list of N str), for text rewards
+  fields                        {name: [N] str}: fields of each row's prompt record (a
+                                verifier's answer), as `record_fields(terms)` asks for them
 
 Token rewards run inside the rollout's jit. A function registered with `host=True` reads the
 decoded text instead: it runs on the host, once per rollout, on numpy/str inputs, and the
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import inspect
 import re
 from typing import Callable
 
@@ -113,6 +116,44 @@ def regex(*, texts, pattern=".", full=False):
     return np.asarray([1.0 if test(t) else 0.0 for t in texts], np.float32)
 
 
+@register("exact_match", host=True, args={
+    "field": schema.Str(nonempty=True, doc="the prompt record's field holding the answer"),
+    "pattern": schema.Str(doc="a regular expression whose last match in the completion (its "
+                              "group 1, if it has groups) is the answer; '' = the whole "
+                              "completion")})
+def exact_match(*, texts, fields, field="answer", pattern=""):
+    """1.0 where the completion's answer equals the prompt record's `field`, else 0.0: a
+    verifier (RL with verifiable rewards). Runs on the host. [N] float32.
+
+    The answer is the whole completion, or with `pattern` its last match (group 1 if the
+    pattern has groups: "####\\s*(-?[0-9,]+)" reads a GSM8K-style final line). Whitespace is
+    removed from both sides before comparing, so "6 2" matches "62"; no match scores 0.
+    """
+    rx = re.compile(pattern) if pattern else None
+    out = np.zeros(len(texts), np.float32)
+    for i, (text, want) in enumerate(zip(texts, fields[field])):
+        if rx is not None:
+            found = list(rx.finditer(text))
+            if not found:
+                continue
+            text = found[-1].group(1 if rx.groups else 0)
+        out[i] = float("".join(text.split()) == "".join(str(want).split()))
+    return out
+
+
+def record_fields(terms) -> tuple[str, ...]:
+    """The prompt-record fields the terms read (exact_match's `field`), for the batches to
+    carry: a term reads fields when it takes `fields`, and names them by its `field` argument."""
+    out = []
+    for t in terms:
+        if registry.accepts(t.fn, "fields"):
+            bound = getattr(t.fn, "keywords", {})
+            name = bound.get("field", inspect.signature(t.fn).parameters["field"].default)
+            if name not in out:
+                out.append(name)
+    return tuple(out)
+
+
 # ----------------------------------------------------------------------------------------------
 # Expressions
 # ----------------------------------------------------------------------------------------------
@@ -192,6 +233,11 @@ def combine(terms, scores: dict) -> jnp.ndarray:
         s = scores[t.name] if t.coef == 1.0 else t.coef * scores[t.name]
         total = s if total is None else total + s
     return total
+
+
+def total(terms, rollout: dict) -> jnp.ndarray:
+    """The weighted sum of the terms' scores in a scored rollout (its reward/<name> keys)."""
+    return combine(terms, {t.name: rollout[f"reward/{t.name}"] for t in terms})
 
 
 def _expression_problem(value) -> str | None:

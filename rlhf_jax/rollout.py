@@ -98,7 +98,7 @@ def _scorer(graphdef, ref: bool, recompute: bool, value_graphdef, reward_graphde
 
 def score(*, graphdef, terms, params: dict, prompt, prompt_mask, completion, completion_mask,
           sample_logps, temperature: float, stop_ids, tokenizer=None, recompute: bool = False,
-          value_graphdef=None, reward_graphdef=None, monitor=()) -> dict:
+          value_graphdef=None, reward_graphdef=None, monitor=(), fields=None) -> dict:
     """Scores completions already sampled (see the module docstring for the keys).
 
     terms: the reward expression's `rewards.Term`s (from `rewards.parse`); monitor: further
@@ -107,7 +107,8 @@ def score(*, graphdef, terms, params: dict, prompt, prompt_mask, completion, com
     (needed with recompute), "ref" (the reference: KL and ref_logps), "value" (with
     value_graphdef), "reward" (the reward model's params, with reward_graphdef; used by the
     "model" term), "tables" (the testbed's gold tables; the "gold" term). tokenizer decodes the
-    completions for host (text) rewards.
+    completions for host (text) rewards; fields: {name: [N] str} of each row's prompt record,
+    for the rewards that read them (`rewards.record_fields`).
     """
     everything = tuple(terms) + tuple(t for t in monitor if t.name not in
                                       {u.name for u in terms})
@@ -121,22 +122,24 @@ def score(*, graphdef, terms, params: dict, prompt, prompt_mask, completion, com
     if host_terms:
         if tokenizer is None:
             raise ValueError("a text reward needs the tokenizer to decode completions")
-        t0 = time.perf_counter()
+        # Timed from when the completions are on the host: the wait for the device is not
+        # the reward's cost.
         tokens, mask = jax.device_get((completion, out["completion_mask"]))
+        t0 = time.perf_counter()
         texts = tokenizer.decode_batch(np.where(mask > 0, tokens, tokenizer.pad_id))
         for t in host_terms:
-            out[f"reward/{t.name}"] = jnp.asarray(registry.call(t.fn, texts=texts), jnp.float32)
+            out[f"reward/{t.name}"] = jnp.asarray(
+                registry.call(t.fn, texts=texts, fields=fields or {}), jnp.float32)
         out["time/reward_host_s"] = time.perf_counter() - t0
     if terms:
-        out["reward"] = rewards_lib.combine(terms, {t.name: out[f"reward/{t.name}"]
-                                                    for t in terms})
+        out["reward"] = rewards_lib.total(terms, out)
     return out
 
 
 def sample_and_score(*, graphdef, terms, params: dict, prompt, prompt_mask, rng,
                      max_new_tokens: int, temperature: float, stop_ids, pad_id: int,
                      tokenizer=None, recompute: bool = False, value_graphdef=None,
-                     reward_graphdef=None, monitor=()) -> dict:
+                     reward_graphdef=None, monitor=(), fields=None) -> dict:
     """Samples max_new_tokens from params["policy"] for each (left-padded) prompt row, then
     `score`s the completions. One call per rollout; rows are samples (repeat a prompt's row
     for several samples of it)."""
@@ -148,4 +151,4 @@ def sample_and_score(*, graphdef, terms, params: dict, prompt, prompt_mask, rng,
                  completion_mask=completion_mask, sample_logps=sample_logps,
                  temperature=temperature, stop_ids=stop_ids, tokenizer=tokenizer,
                  recompute=recompute, value_graphdef=value_graphdef,
-                 reward_graphdef=reward_graphdef, monitor=monitor)
+                 reward_graphdef=reward_graphdef, monitor=monitor, fields=fields)

@@ -10,7 +10,7 @@ from rlhf_jax import experiment, schema
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import preference, reward, rl, sft
 
-EXPERIMENTS = ("sft", "reward", "dpo", "ppo", "grpo", "rsft", "quickstart")
+EXPERIMENTS = ("sft", "reward", "dpo", "ppo", "grpo", "rsft", "quickstart", "grpo_verifier")
 TRAINERS = {"sft": sft, "reward": reward, "dpo": preference, "ppo": rl, "grpo": rl, "rsft": rl}
 
 
@@ -70,7 +70,7 @@ BAD = [
     ("sft", "eval_batches=-1", "eval_batches=-1: must be an int >= 0"),
     ("sft", "mesh.shape=(0,1,1)", "mesh.shape=(0, 1, 1): has a 0"),
     ("sft", "mesh.shape=(-1,-1,1)", "has more than one -1"),
-    ("sft", "data.source=hf", "data.source=hf: must be one of 'synthetic', 'tfds'"),
+    ("sft", "data.source=hf", "unknown data_source 'hf'; registered: arithmetic, synthetic, tfds"),
     ("sft", "size=big", "size='big'; choose 'default' or 'smoke'"),
     ("dpo", "pref_loss=ipo(beta=0.1)", "'ipo' has no argument 'beta'"),
     ("reward", "norm.n_samples=1", "norm.n_samples=1: must be an int >= 2"),

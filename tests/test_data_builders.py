@@ -647,7 +647,7 @@ def test_stage_data_source_names_what_it_cannot_read(tmp_path):
         assert msg.startswith(f"data.name={name!r} (split {split!r}) cannot be read") and why in msg
         assert "datasets prepared there: rlhf_synthetic/p;" in msg and "\n" not in msg
     data.source = "hf"
-    with pytest.raises(ConfigError, match="data.source='hf' is invalid"):
+    with pytest.raises(ConfigError, match="unknown data_source 'hf'; registered: arithmetic, "):
         common.data_source(data, "pairs", "train", tmp_path)
 
 

@@ -498,10 +498,11 @@ def _kto_batch(b=5, seed=1):
                 desirable=jnp.asarray(np.arange(b) % 2 == 0, jnp.float32))
 
 
-# Every pref_loss by name, and KTO (unpaired rows, not registered) beside them.
+# Every pref_loss by name, and every unpaired_loss (KTO's unpaired rows) beside them.
+_UNPAIRED = registry.names("unpaired_loss")
 _PREF = {name: (registry.get("pref_loss", name), _batch) for name in
          registry.names("pref_loss")}
-_PREF["kto"] = (losses.kto, _kto_batch)
+_PREF.update({name: (registry.get("unpaired_loss", name), _kto_batch) for name in _UNPAIRED})
 # AOT pairs rows by rank over the batch: it has no micro-batch decomposition (tested below).
 _SPLITTABLE = sorted(set(_PREF) - {"aot_pair"})
 
@@ -567,7 +568,7 @@ def test_pref_micro_batches_add_up_to_the_whole_batch(name):
 
 
 def _policy_key(name):
-    return "policy_logps" if name == "kto" else "policy_chosen_logps"
+    return "policy_logps" if name in _UNPAIRED else "policy_chosen_logps"
 
 
 @pytest.mark.parametrize("name", sorted(_PREF))
@@ -607,7 +608,7 @@ def test_pref_losses_without_a_batch_statistic_match_the_per_pair_path(name):
         assert float(direct_m[k]) == pytest.approx(float(metrics[k]), rel=1e-5, abs=1e-6), k
 
 
-@pytest.mark.parametrize("name", sorted(set(_PREF) - {"kto"}))
+@pytest.mark.parametrize("name", sorted(set(_PREF) - set(_UNPAIRED)))
 def test_pref_gradient_raises_chosen_relative_to_rejected(name):
     # One step along -grad widens log pi(y+) - log pi(y-) on every pair of a batch near the
     # reference (policy = reference + small offsets), where each loss still has a gradient.
@@ -854,6 +855,18 @@ def test_kto_golden():
     assert float(losses.kto(**own)[1]["kto/reference_point"]) == pytest.approx(2.5 / 3)
     with pytest.raises(ValueError, match="both kl_policy_logps and kl_ref_logps"):
         losses.kto(**own, kl_policy_logps=x["kl_policy_logps"])
+
+
+def test_kto_is_the_unpaired_loss_with_its_ranges_declared():
+    # Its rows are single completions: a kind of its own, which the preference trainer's
+    # config.pref_loss may name (trainers/preference.py), never a paired pref_loss.
+    assert "kto" in registry.names("unpaired_loss") and "kto" not in registry.names("pref_loss")
+    fn = registry.get("unpaired_loss", "kto(beta=0.5, undesirable_weight=1.5)")
+    assert fn.func is losses.kto and fn.keywords == {"beta": 0.5, "undesirable_weight": 1.5}
+    with pytest.raises(ValueError, match="unpaired_loss kto: beta=0 must be a number > 0"):
+        registry.get("unpaired_loss", "kto(beta=0)")
+    with pytest.raises(ValueError, match="desirable_weight=-1.0 must be a number >= 0"):
+        registry.get("unpaired_loss", "kto(desirable_weight=-1.0)")
 
 
 def test_kto_gradient_raises_desirable_and_lowers_undesirable():

@@ -1,6 +1,9 @@
 """Preference (DPO-family) stage: smoke runs from a smoke SFT checkpoint for every registered
 loss, the reference pass skipped for reference-free losses, the zero margin at step 0, one
-gradient step raising the chosen-minus-rejected margin, exact in-process resume.
+gradient step raising the chosen-minus-rejected margin, exact in-process resume. KTO on
+unpaired rows: from the testbed's pairs split into rows and from a prepared TFDS dataset of
+unpaired records, its reference point from the mismatched rows against a hand computation,
+resume, and the record and config errors.
 
 The SIGKILL resume test lives in test_sft.py; the preference stage uses the same Checkpointer
 and iterator state, so an in-process interruption (an exception right after a checkpoint) is
@@ -15,13 +18,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tensorflow_datasets as tfds
 
 from _pairs import weighted_mean
 from experiments import dpo as dpo_exp
 from experiments import sft as sft_exp
-from rlhf_jax import experiment, registry
+from rlhf_jax import experiment, losses, model, registry
 from rlhf_jax.checkpoint import complete_steps
 from rlhf_jax.data import batching
+from rlhf_jax.data.records import DataError
 from rlhf_jax.errors import CheckpointError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.trainers import common, preference, sft
@@ -119,33 +124,50 @@ def test_every_registered_loss_runs_and_skips_the_reference_when_it_is_not_neede
         assert not needs_ref  # reference-free by definition
 
 
+class Crash(Exception):
+    pass
+
+
+class CrashingBar:
+    """Stands in for the progress bar; 'crashes' right after the step-1 checkpoint."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def update(self, n):
+        raise Crash
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def close(self):
+        pass
+
+
+def _crash_after_the_first_step(config, workdir, monkeypatch):
+    """Runs the stage until it 'crashes' right after its first step (and checkpoint)."""
+    with monkeypatch.context() as m:
+        m.setattr(preference.metrics_lib, "progress", CrashingBar)
+        with pytest.raises(Crash):
+            preference.train(config, workdir)
+
+
+def _same_params(stage_a, stage_b):
+    """Both stages ended at the same step and data position with bitwise equal parameters."""
+    _, a, _, _, meta_a = common.load_stage(stage_a)
+    _, b, _, _, meta_b = common.load_stage(stage_b)
+    assert meta_a["step"] == meta_b["step"]
+    assert meta_a["data_state"] == meta_b["data_state"]
+    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
+        np.testing.assert_array_equal(x, y)  # bitwise on CPU
+
+
 def test_interrupted_run_resumes_to_the_same_params_and_one_step_raises_the_margin(
         workdir, straight, monkeypatch):
     config, stage = straight
     changes = dict(stage="dpo_resumed", save_every=1, eval_batches=0, **{"gen.n_prompts": 0})
 
-    class Crash(Exception):
-        pass
-
-    class CrashingBar:
-        """Stands in for the progress bar; 'crashes' right after the step-1 checkpoint."""
-
-        def __init__(self, *args, **kwargs):
-            pass
-
-        def update(self, n):
-            raise Crash
-
-        def set_postfix(self, *args, **kwargs):
-            pass
-
-        def close(self):
-            pass
-
-    with monkeypatch.context() as m:
-        m.setattr(preference.metrics_lib, "progress", CrashingBar)
-        with pytest.raises(Crash):
-            preference.train(_config(workdir, **changes), workdir)
+    _crash_after_the_first_step(_config(workdir, **changes), workdir, monkeypatch)
     assert complete_steps(workdir / "dpo_resumed") == [1]
 
     # One DPO step (no warm-up) raised the mean summed log-prob margin of chosen over rejected
@@ -162,12 +184,8 @@ def test_interrupted_run_resumes_to_the_same_params_and_one_step_raises_the_marg
     assert float(margin(dpo_params)) > float(margin(sft_params))
 
     resumed = preference.train(_config(workdir, **changes), workdir)
-    _, a, _, _, meta_a = common.load_stage(stage)
-    _, b, _, _, meta_b = common.load_stage(resumed)
-    assert meta_a["step"] == meta_b["step"] == config.steps
-    assert meta_a["data_state"] == meta_b["data_state"]
-    for x, y in zip(jax.tree.leaves(jax.device_get(a)), jax.tree.leaves(jax.device_get(b))):
-        np.testing.assert_array_equal(x, y)  # bitwise on CPU
+    assert common.load_stage(resumed)[4]["step"] == config.steps
+    _same_params(stage, resumed)
 
 
 def test_padding_pairs_carry_no_weight():
@@ -219,3 +237,256 @@ def test_a_resume_from_another_sft_model_is_refused_and_a_moved_one_accepted(
     with pytest.raises(CheckpointError, match=r"started from init_from=.*sft \(step 4, params "
                                               r"fingerprint .*another checkpoint"):
         preference.train(_config(workdir, init_from=str(tmp_path / "sft"), **quiet), workdir)
+
+
+# ---------------------------------------------------------------------------------------------
+# KTO: unpaired rows
+# ---------------------------------------------------------------------------------------------
+
+KTO = {"pref_loss": "kto(beta=0.1)", "data.split_pairs": True}
+
+
+@pytest.fixture(scope="module")
+def kto_run(workdir):
+    """KTO on the testbed's pairs split into rows, uninterrupted, with both evals."""
+    config = _config(workdir, stage="kto", **KTO)
+    return config, preference.train(config, workdir)
+
+
+def _unpaired_batch(config, tok, source, *, split_pairs, **batch):
+    """The first batch of unpaired rows a run with `config` would read from `source`."""
+    it = batching.make_iterator(
+        source, kind="unpaired", split_pairs=split_pairs, tokenizer=tok,
+        config=common.batch_config(config.data, batch_size=config.data.batch_size,
+                                   seed=config.seed, **batch))
+    return {k: jnp.asarray(v) for k, v in next(it).items()}
+
+
+def _kto_eval_terms(config, graphdef):
+    """The run's compiled (batch-level) eval of the loss: the same cache entry as the run."""
+    loss_kind, loss_fn = preference.resolve_loss(config.pref_loss)
+    optimizer = preference._optimizer(tuple(sorted(config.optim.items())), config.steps)
+    return preference._compiled(graphdef, loss_fn, optimizer, True, loss_kind)[1]
+
+
+def test_kto_on_split_pairs_trains_logs_and_evaluates(workdir, kto_run):
+    config, stage = kto_run
+    rows = read_metrics(stage)
+    assert complete_steps(stage)[-1] == config.steps and all(_finite(r) for r in rows)
+    first, last = rows[0], rows[-1]
+    # Step 0: the policy is the reference, so every log-ratio and z0 are 0 and each row's loss
+    # is lambda * sigmoid(0) = 0.5.
+    assert first["kto/loss"] == pytest.approx(0.5, abs=1e-6)
+    assert first["kto/reference_point"] == 0.0 and first["pref/desirable_logratio"] == 0.0
+    for key in ("kto/accuracy", "kto/margin", "kto/reward", "pref/grad_norm",
+                "pref/undesirable_logratio", "eval/pref_accuracy", "eval/pref_margin",
+                "eval/kto/reference_point", "gold/reward", "gold/gain", "objective/kl"):
+        assert key in last, key
+    assert "eval/gold_agreement" not in last    # unpaired rows have no gold order
+    assert 0.0 <= last["eval/pref_accuracy"] <= 1.0
+    # On the first batch, stepped on at step 1: desirable rows' log-ratios went up and
+    # undesirable ones' down, and the loss (z0 from its mismatched rows) fell below 0.5.
+    graphdef, sft_params, _, tok, meta = common.load_stage(workdir / "sft")
+    _, kto_params, _, _, kto_meta = common.load_stage(stage)
+    assert kto_meta["config"]["pref_loss"] == config.pref_loss
+    batch = _unpaired_batch(config, tok, common.data_source(config.data, "pairs", "train",
+                                                            workdir), split_pairs=True)
+    logps = jax.jit(lambda p: preference.row_logps(graphdef, p, batch["tokens"], batch["mask"],
+                                                   batch["loss_mask"]))
+    ratio = np.asarray(logps(kto_params) - logps(sft_params))
+    desirable = np.asarray(batch["desirable"]) > 0
+    assert desirable.any() and (~desirable).any()
+    assert ratio[desirable].mean() > 0 > ratio[~desirable].mean()
+    eval_terms = _kto_eval_terms(config, graphdef)
+    assert float(eval_terms(kto_params, sft_params, batch)["kto/loss"]) < 0.5
+    assert float(eval_terms(sft_params, sft_params, batch)["kto/loss"]) == pytest.approx(0.5)
+
+
+def test_kto_reference_point_is_the_mean_log_ratio_of_the_mismatched_rows(workdir, kto_run):
+    config, stage = kto_run
+    graphdef, sft_params, _, tok, _ = common.load_stage(workdir / "sft")
+    _, kto_params, _, _, _ = common.load_stage(stage)
+    pairs = common.data_source(config.data, "pairs", "test", workdir)
+    records = [dict(prompt=pairs[i]["prompt"], completion=pairs[i][side],
+                    desirable=side == "chosen")
+               for i, side in enumerate(("chosen", "rejected", "chosen"))]
+    # Three real rows and five padding rows (a final partial batch).
+    batch = _unpaired_batch(config, tok, records, split_pairs=False, shuffle=False,
+                            num_epochs=1, drop_remainder=False)
+    np.testing.assert_array_equal(batch["kl_valid"], [1, 1, 1, 0, 0, 0, 0, 0])
+    # By hand: row b's mismatched sequence is prompt b with row b - 1's completion (row 0
+    # takes row 2's), scored with an independent log-softmax over the model's logits.
+    enc = batching.TextEncoder(tok)
+    text = lambda v: v.decode() if isinstance(v, bytes) else v  # noqa: E731
+    seqs = [(enc.prompt(text(r["prompt"])), enc.response(text(records[b - 1]["completion"])))
+            for b, r in enumerate(records)]
+    length = batch["kl_tokens"].shape[1]
+    tokens = np.full((3, length), tok.pad_id, np.int32)
+    mask = np.zeros((3, length), np.int32)
+    target = np.zeros((3, length - 1), np.float32)
+    for b, (p, c) in enumerate(seqs):
+        np.testing.assert_array_equal(batch["kl_tokens"][b, :len(p) + len(c)], p + c)
+        assert int(batch["kl_mask"][b].sum()) == len(p) + len(c)
+        tokens[b, :len(p) + len(c)] = p + c
+        mask[b, :len(p) + len(c)] = 1
+        target[b, len(p) - 1:len(p) + len(c) - 1] = 1.0   # logits at t predict token t + 1
+
+    @jax.jit
+    def summed(params):
+        logits, _ = model.apply(graphdef, params, jnp.asarray(tokens), mask_bt=jnp.asarray(mask))
+        logp = jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32))
+        picked = jnp.take_along_axis(logp, jnp.asarray(tokens)[:, 1:, None], axis=-1)[..., 0]
+        return jnp.sum(picked * target, axis=-1)
+
+    ratio = np.asarray(summed(kto_params) - summed(sft_params))
+    eval_terms = _kto_eval_terms(config, graphdef)
+    # z0 = max(0, mean of the mismatched log-ratios): swapping the models flips their sign.
+    for policy, ref, sign in ((kto_params, sft_params, 1.0), (sft_params, kto_params, -1.0)):
+        z0 = float(eval_terms(policy, ref, batch)["kto/reference_point"])
+        assert z0 == pytest.approx(max(0.0, sign * float(ratio.mean())), rel=1e-4, abs=1e-6)
+    assert abs(float(ratio.mean())) > 1e-3     # one of the two orders tested a positive z0
+
+
+def test_an_interrupted_kto_run_resumes_to_the_same_params(workdir, kto_run, monkeypatch):
+    _, stage = kto_run
+    changes = dict(KTO, stage="kto_resumed", save_every=1, eval_batches=0,
+                   **{"gen.n_prompts": 0})
+    _crash_after_the_first_step(_config(workdir, **changes), workdir, monkeypatch)
+    assert complete_steps(workdir / "kto_resumed") == [1]
+    _same_params(stage, preference.train(_config(workdir, **changes), workdir))
+
+
+class _UnpairedRows(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """A prepared TFDS dataset of unpaired rows {prompt, completion, desirable}: testbed pairs
+    of which some give both rows, others only their chosen or only their rejected one."""
+
+    name = "kto_rows"
+    VERSION = tfds.core.Version("1.0.0")
+
+    @tfds.core.utils.classproperty
+    @classmethod
+    def code_path(cls):
+        return None
+
+    def _info(self):
+        return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+            "prompt": tfds.features.Text(), "completion": tfds.features.Text(),
+            "desirable": tfds.features.Scalar(np.bool_)}))
+
+    def _split_generators(self, dl_manager):
+        pairs = common.testbed().preference_pairs(36, seed=3)
+        return {"train": self._generate_examples(pairs[:28]),
+                "test": self._generate_examples(pairs[28:])}
+
+    def _generate_examples(self, pairs):
+        for i, pair in enumerate(pairs):
+            for side in (("chosen", "rejected"), ("chosen",), ("rejected",))[i % 3]:
+                yield f"{i}-{side}", {"prompt": pair["prompt"], "completion": pair[side],
+                                      "desirable": side == "chosen"}
+
+
+def test_kto_trains_on_a_prepared_tfds_dataset_of_unpaired_rows(workdir, tmp_path):
+    _UnpairedRows(data_dir=str(tmp_path / "data"), file_format="array_record"
+                  ).download_and_prepare()
+    config = _config(workdir, pref_loss="kto(beta=0.1)", steps=2, save_every=2, eval_batches=2,
+                     init_from=str(workdir / "sft"),
+                     **{"data.source": "tfds", "data.name": "kto_rows", "data.kind": "unpaired",
+                        "data.data_dir": str(tmp_path / "data")})
+    stage = preference.train(config, tmp_path)
+    rows = read_metrics(stage)
+    assert [r["step"] for r in rows] == [1, 2] and all(_finite(r) for r in rows)
+    assert rows[0]["kto/loss"] == pytest.approx(0.5, abs=1e-6)
+    assert rows[0]["kto/reference_point"] == 0.0
+    assert 0.0 <= rows[-1]["eval/pref_accuracy"] <= 1.0
+    assert "gold/reward" not in rows[-1]            # a TFDS dataset has no gold reward
+    assert common.load_stage(stage)[4]["data_state"]["fingerprint"]["kind"] == "unpaired"
+
+
+@pytest.mark.parametrize("record,field,reason", [
+    ({"prompt": "a", "completion": "b"}, "desirable", "missing"),
+    ({"prompt": "a", "completion": "b", "desirable": None}, "desirable", "missing (null)"),
+    ({"prompt": "a", "completion": "b", "desirable": 0.5}, "desirable",
+     "expected true/false or 0/1, got 0.5 (float)"),
+    ({"prompt": "a", "completion": "b", "desirable": "yes"}, "desirable",
+     "expected true/false or 0/1, got 'yes' (str)"),
+    ({"prompt": "a", "completion": "b", "desirable": 2}, "desirable",
+     "expected true/false or 0/1, got 2 (int)"),
+    ({"prompt": "a", "desirable": True}, "completion", "missing"),
+])
+def test_a_bad_unpaired_record_names_the_record_and_field(record, field, reason):
+    tok = common.testbed().tokenizer
+    good = [{"prompt": "a", "completion": "b", "desirable": d}
+            for d in (True, 0, np.int64(1), np.bool_(False))]
+    it = batching.make_iterator(good + [record], kind="unpaired", tokenizer=tok,
+                                config=batching.BatchConfig(batch_size=5, buckets=(36,),
+                                                            max_prompt_len=12, shuffle=False),
+                                name="rows/train")
+    with pytest.raises(DataError) as e:
+        next(it)
+    assert (e.value.file, e.value.index, e.value.field) == ("rows/train", 4, field)
+    assert str(e.value).startswith(f"rows/train: record 4: field {field!r}: {reason}")
+    assert "\n" not in str(e.value)
+
+
+def test_split_pairs_are_desirable_chosen_rows_then_undesirable_rejected_rows():
+    tok = common.testbed().tokenizer
+    pairs = [{"prompt": f"p{i}", "chosen": f"c{i}", "rejected": f"r{i}"} for i in range(3)]
+    cfg = batching.BatchConfig(batch_size=6, buckets=(36,), max_prompt_len=12, shuffle=False)
+    batch = next(batching.make_iterator(pairs, kind="unpaired", split_pairs=True, tokenizer=tok,
+                                        config=cfg))
+    enc = batching.TextEncoder(tok)
+    completions = [f"c{i}" for i in range(3)] + [f"r{i}" for i in range(3)]
+    for b, c in enumerate(completions):
+        ids = enc.prompt(f"p{b % 3}") + enc.response(c)
+        np.testing.assert_array_equal(batch["tokens"][b, :len(ids)], ids)
+    np.testing.assert_array_equal(batch["desirable"], [1, 1, 1, 0, 0, 0])
+    # The rows and their mismatched completions are those of losses.pairs_to_unpaired, the
+    # array-level version (its completions stand for row indices here).
+    arrays = losses.pairs_to_unpaired(prompts=jnp.arange(3), chosen=jnp.arange(3),
+                                      rejected=jnp.arange(3, 6))
+    np.testing.assert_array_equal(arrays["desirable"], batch["desirable"])
+    np.testing.assert_array_equal(batching.mismatched_rows(batch["valid"]),
+                                  arrays["kl_completions"])
+    for b, o in enumerate(arrays["kl_completions"]):
+        ids = enc.prompt(f"p{b % 3}") + enc.response(completions[int(o)])
+        np.testing.assert_array_equal(batch["kl_tokens"][b, :len(ids)], ids)
+    # A bad pair names the pair record and its field.
+    bad = pairs[:2] + [{"prompt": "p", "chosen": "c"}]
+    with pytest.raises(DataError, match=r"^pairs/train: record 2: field 'rejected': missing"):
+        next(batching.make_iterator(bad, kind="unpaired", split_pairs=True, tokenizer=tok,
+                                    config=cfg, name="pairs/train"))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["pref_loss=kto"], "pref_loss='kto' trains on unpaired rows, but data.kind='pairs' gives "
+                        "pairs rows; set data.split_pairs=True"),
+    (["data.split_pairs=True"], "pref_loss='dpo(beta=0.2)' trains on pairs rows, but "
+                                "data.kind='pairs' with data.split_pairs=True gives unpaired"),
+    (["data.source=tfds", "data.name=x", "data.kind=unpaired"],
+     "pref_loss='dpo(beta=0.2)' trains on pairs rows, but data.kind='unpaired' gives unpaired"),
+    (["pref_loss=kto", "data.kind=unpaired"],
+     "data.kind='unpaired': data.source='synthetic' has no unpaired records (it has sft, "
+     "prompts, pairs, rankings); read them from a prepared TFDS dataset (data.source='tfds'), "
+     "or split its pairs into rows"),
+    (["pref_loss=kto", "data.source=tfds", "data.name=x", "data.kind=unpaired",
+      "data.split_pairs=True"], "data.split_pairs=True splits pair records, but "
+                                "data.kind='unpaired' records are unpaired rows already"),
+    (["pref_loss=ktoo"], "unknown preference loss 'ktoo'; registered: "),
+    (["pref_loss=kto(beta=0)"], "unpaired_loss kto: beta=0 must be a number > 0"),
+    (["pref_loss=kto(tau=1.0)"], "unpaired_loss 'kto' has no argument 'tau'"),
+    (["data.kind=triples"], "data.kind=triples: must be one of 'pairs', 'unpaired'"),
+])
+def test_a_bad_kto_config_is_one_line(overrides, message, capsys, tmp_path):
+    def main(config, workdir):    # what the stage does first; nothing may train here
+        preference.validate(config)
+        raise AssertionError(f"{overrides} was accepted")
+
+    with pytest.raises(SystemExit) as e:
+        experiment.run(dpo_exp.get_config, main, ["--workdir", str(tmp_path),
+                                                   "--config.size=smoke",
+                                                   *[f"--config.{o}" for o in overrides]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert message in err, err
+    if "unknown" in message:   # the list names the losses of both kinds, with their rows
+        assert "dpo" in err and "kto (unpaired)" in err and "kto_pair" in err

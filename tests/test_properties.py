@@ -144,6 +144,8 @@ _INPUTS["pref_loss"].update({
                                          "kl_ref_logps")},
     "desirable": ((B,), st.sampled_from([0.0, 1.0]), "const"),
 })
+# KTO's unpaired rows draw from the same table (its row arguments are declared there).
+_INPUTS["unpaired_loss"] = _INPUTS["pref_loss"]
 # ReMax's baseline: the greedy completion's return of each row's prompt.
 _INPUTS["advantage"]["baseline"] = ((B,), REAL, "diff")
 _INPUTS[None] = _COMMON  # the unregistered helpers
@@ -153,13 +155,14 @@ _PRIMARY = {
     "reward_loss": lambda out: out[0], "pref_loss": lambda out: out[0],
     "policy_loss": lambda out: out[0], "advantage": lambda out: out,
     "kl_estimator": lambda out: out, "kl_controller": lambda out: out.kl_coef,
-    "loss_agg": lambda out: out, None: lambda out: out,
+    "loss_agg": lambda out: out, "unpaired_loss": lambda out: out[0], None: lambda out: out,
 }
 
 
 # Kinds whose functions take what this file does not draw: reward sources read token ids, a
-# reward model's parameters, the testbed's tables or decoded text (tests/test_rewards.py).
-_NOT_DRAWN = {"reward"}
+# reward model's parameters, the testbed's tables or decoded text (tests/test_rewards.py);
+# data sources return record sources (tests/test_verifier.py).
+_NOT_DRAWN = {"reward", "data_source"}
 
 
 def test_every_kind_has_inputs_and_a_primary_output():
@@ -375,15 +378,6 @@ def _masked_helpers():
 @given(data=st.data())
 def test_masked_helpers_are_finite_and_ignore_padding(fn, data):
     _check(data, fn)
-
-
-@_SETTINGS
-@given(data=st.data())
-def test_kto_is_finite_and_ignores_padding_rows(data):
-    # KTO takes unpaired rows, so it is not a registered pref_loss; its arguments share
-    # kto_pair's declared ranges.
-    declared = registry.arguments("pref_loss", "kto_pair")
-    _check(data, losses.kto, "pref_loss", declared=declared)
 
 
 def test_the_helpers_found_include_the_ones_trainers_call():

@@ -32,12 +32,17 @@ def _inputs(kind):
         "kl_estimator": dict(logps=-jnp.abs(f(B, T)), ref_logps=-jnp.abs(f(B, T))),
         "kl_controller": dict(state=kl.init_controller(0.1), kl=jnp.float32(3.0), n_steps=16),
         "loss_agg": dict(per_token=f(B, T), mask=mask, norm=float(T)),
+        "unpaired_loss": dict(policy_logps=-jnp.abs(f(B)) * 5, ref_logps=-jnp.abs(f(B)) * 5,
+                              desirable=jnp.array([1.0, 0.0, 1.0, 0.0]),
+                              kl_policy_logps=-jnp.abs(f(B)) * 5,
+                              kl_ref_logps=-jnp.abs(f(B)) * 5),
     }[kind]
 
 
 # Reward sources take rollouts (token ids, a reward model, the testbed's tables, decoded text):
-# tests/test_rewards.py runs each of them, under jit where it is a token reward.
-ALL_NAMES = [(kind, name) for kind in registry.KINDS if kind != "reward"
+# tests/test_rewards.py runs each of them, under jit where it is a token reward. Data sources
+# return record sources, not arrays: tests/test_verifier.py and the data tests read each.
+ALL_NAMES = [(kind, name) for kind in registry.KINDS if kind not in ("reward", "data_source")
              for name in registry.names(kind)]
 
 

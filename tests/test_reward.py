@@ -155,7 +155,7 @@ def test_resume_after_an_interruption_matches_the_uninterrupted_run(finished, tm
     ({"init_from": "/nonexistent/sft"}, "--config.init_from=DIR"),
     ({}, r"WORKDIR/sft"),    # no SFT stage in an empty workdir
     ({"loss": "plackett_luce", "data.source": "tfds", "data.name": "pairs",
-      "norm.prompts_name": "prompts"}, "only the synthetic testbed"),
+      "norm.prompts_name": "prompts"}, "only the review testbed"),
     ({"data.source": "tfds", "data.name": "pairs"}, "norm.prompts_name must name"),
     ({"loss": "hinge"}, "registered: bradley_terry"),
     ({"loss": "bradley_terry(marg=1.0)"}, "margin"),

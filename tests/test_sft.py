@@ -78,7 +78,7 @@ def test_smoke_run_in_process_and_rerun_is_a_no_op(tmp_path):
     ({"data.batch_size": "0"}, "batch_size=0"),
     ({"data.buckets": "(64,)"}, "model.max_len"),
     ({"init_from": "/nonexistent/sft"}, "no complete checkpoint"),
-    ({"data.source": "hub"}, "must be one of 'synthetic', 'tfds'"),
+    ({"data.source": "hub"}, "unknown data_source 'hub'; registered: arithmetic"),
     ({"init_from": "/some/sft", "data.tokenizer": "/some/sp.model"},
      "data.tokenizer is not used with init_from"),
 ])

@@ -6,8 +6,11 @@
   format with assistant-only loss masks (`Tokenizer.encode_chat`).
 - `synthetic`: the embedded testbed (`Testbed`): a review language, its jittable gold reward
   r*(x, y), Bradley–Terry pairs and Plackett–Luce rankings. See docs/testbed.md.
+- `arithmetic`: the testbed's checkable task (sums with their answers, for verifier rewards).
+- `sources`: the registered data sources (`data.source`): synthetic, arithmetic, tfds.
 - `builders`: TFDS builders written as array_record and read TF-free (`prepare`,
-  `SyntheticTestbed`, `HhRlhfPairs`, `TldrComparisons`, `ImdbPrompts`). See docs/data.md.
+  `SyntheticTestbed`, `ArithmeticTask`, `HhRlhfPairs`, `TldrComparisons`, `ImdbPrompts`).
+  See docs/data.md.
 - `batching`: fixed-shape Grain batches with a JSON-able iterator state (`make_iterator`).
 - `records`: `DataError` and the bad-record and bad-file policy.
 
@@ -16,7 +19,8 @@ Submodules load on first use, so importing the package does not import TFDS or J
 
 import importlib
 
-_SUBMODULES = ("batching", "builders", "records", "synthetic", "tokenizer")
+_SUBMODULES = ("arithmetic", "batching", "builders", "records", "sources", "synthetic",
+               "tokenizer")
 
 
 def __getattr__(name):

@@ -23,6 +23,16 @@ kind="prompts":  tokens [B, T] left-padded (generation appends on the right); ma
 kind="pairs":    tokens [2B, T] with the B chosen sequences first, then the B rejected ones,
                  so one forward pass scores both; mask, loss_mask [2B, T]; prompt_lens [2B];
                  valid [B]; plus any `extra_fields` as [B] float32 (e.g. gold_chosen).
+kind="unpaired": KTO's rows, each a prompt, one completion and a desirable flag: tokens, mask,
+                 loss_mask [B, T] and prompt_lens [B] as "sft"; desirable [B] float32 (1 or 0);
+                 valid [B]; and the mismatched rows of KTO's reference point: kl_tokens,
+                 kl_mask, kl_loss_mask [B, T] (row b: prompt b with the completion of the real
+                 row before it, the first real row taking the last one's), kl_valid [B] (0 on
+                 padding, and on every row when fewer than 2 rows are real). Records are
+                 {prompt, completion, desirable}, or pairs read with split_pairs=True: pair j
+                 of N is row j (its chosen completion, desirable) and row N + j (its rejected
+                 one, undesirable), so rows before a shuffle are all chosen ones, then all
+                 rejected ones, and the mismatched rows hold another prompt's completion.
 
 `loss_mask[b, t]` marks token t as a target: with logits[:, :-1] predicting tokens[:, 1:], weight
 the loss by loss_mask[:, 1:]. Rows of a final partial batch (num_epochs set, no drop) are
@@ -51,7 +61,7 @@ from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.data.records import DataError
 from rlhf_jax.errors import CheckpointError, ConfigError
 
-KINDS = ("sft", "prompts", "pairs", "chat")
+KINDS = ("sft", "prompts", "pairs", "chat", "unpaired")
 CHAT_LOSS_ON = ("all_assistant", "last_assistant")
 FIX_RECORD = "fix the record in the source"
 
@@ -76,6 +86,7 @@ DEFAULT_FIELDS = {
     "sft": {"prompt": "prompt", "completion": "completion"},
     "prompts": {"prompt": "prompt"},
     "pairs": {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"},
+    "unpaired": {"prompt": "prompt", "completion": "completion", "desirable": "desirable"},
 }
 
 
@@ -275,6 +286,24 @@ def _number(record: Mapping, key: str, *, name: str, index: int) -> np.float32:
     return number
 
 
+def _flag(record: Mapping, key: str, *, name: str, index: int) -> np.float32:
+    """A desirable/undesirable flag: true/false or the integer 0/1 (Python or numpy), as 1.0
+    or 0.0; anything else (0.5, "yes", null) is a DataError, never guessed at: a wrong guess
+    would teach the model to prefer what the data marks as bad."""
+    def fail(reason):
+        raise DataError(file=name, index=index, field=key, reason=reason, fix=FIX_RECORD)
+
+    if key not in record:
+        fail("missing")
+    value = record[key]
+    if value is None:
+        fail("missing (null)")
+    arr = np.asarray(value) if not isinstance(value, (str, bytes)) else None
+    if arr is None or arr.shape != () or arr.dtype.kind not in "biu" or arr.item() not in (0, 1):
+        fail(f"expected true/false or 0/1, got {records.short(value)} ({type(value).__name__})")
+    return np.float32(bool(arr.item()))
+
+
 def _encode_chat_record(index: int, record: dict, *, fields: dict, enc: TextEncoder,
                         config: BatchConfig, name: str, loss_on: str) -> dict:
     """A multi-turn conversation -> the same prompt/completion split as "sft", where the
@@ -317,7 +346,8 @@ def _encode_record(index: int, record: dict, **how) -> dict:
 
 def _encode_fields(index: int, record: dict, *, kind: str, fields: dict, enc: TextEncoder,
                    config: BatchConfig, name: str, extra_fields: Sequence[str],
-                   chat_loss_on: str = "all_assistant") -> dict:
+                   text_fields: Sequence[str] = (),
+                   chat_loss_on: str = "all_assistant", desirable: bool | None = None) -> dict:
     if not isinstance(record, Mapping):
         raise DataError(file=name, index=index, field="<record>",
                         reason=f"expected a record (a dict of fields), got "
@@ -341,9 +371,15 @@ def _encode_fields(index: int, record: dict, *, kind: str, fields: dict, enc: Te
     if kind == "prompts":
         kept = truncate(prompt, [], max_prompt_len=limit, max_len=config.max_len,
                         prefix=enc.tok.prefix_ids)[0]
-        return {"prompt": kept, "truncated": int(len(kept) < len(prompt))}
+        out = {"prompt": kept, "truncated": int(len(kept) < len(prompt))}
+        for key in text_fields:       # what a reward reads of the record (an answer, say)
+            if key not in record:
+                raise DataError(file=name, index=index, field=key, reason="missing (a reward "
+                                "reads it)", fix=FIX_RECORD)
+            out[key] = as_text(record[key], name=name, index=index, field=key)
+        return out
     out = {}
-    roles = ("completion",) if kind == "sft" else ("chosen", "rejected")
+    roles = ("completion",) if kind in ("sft", "unpaired") else ("chosen", "rejected")
     for role in roles:
         response = enc.response(get(role))
         if config.overlong != "truncate" and len(prompt) + len(response) > config.max_len:
@@ -355,6 +391,10 @@ def _encode_fields(index: int, record: dict, *, kind: str, fields: dict, enc: Te
         cut = len(p) < len(prompt) or len(out[role]) < len(response)
         out["truncated"] = int(out.get("truncated", 0) or cut)
     out["prompt"] = p
+    if kind == "unpaired":
+        # A row split from a pair knows its flag; a record of unpaired rows carries it.
+        out["desirable"] = (np.float32(desirable) if desirable is not None else
+                            _flag(record, fields["desirable"], name=name, index=index))
     for key in extra_fields:
         out[key] = _number(record, key, name=name, index=index)
     return out
@@ -385,7 +425,8 @@ def _right_pad(prompts, responses, length, pad_id, response_masks=None):
 
 
 def collate(examples: Sequence[dict | None], *, kind: str, batch_size: int,
-            buckets: Sequence[int], pad_id: int, extra_fields: Sequence[str] = ()) -> dict:
+            buckets: Sequence[int], pad_id: int, extra_fields: Sequence[str] = (),
+            text_fields: Sequence[str] = ()) -> dict:
     """Encoded examples -> one fixed-shape numpy batch (see the module docstring). `None`
     entries (skipped examples) and a short list are filled with empty rows marked valid=0."""
     valid = np.zeros(batch_size, np.int32)
@@ -394,7 +435,9 @@ def collate(examples: Sequence[dict | None], *, kind: str, batch_size: int,
         valid[b], skipped[b] = int(ex is not None), int(ex is None)
     # An empty row: a lone pad as prompt keeps shapes and masks well-defined.
     blank = {"prompt": [pad_id], "completion": [], "chosen": [], "rejected": [],
-             "completion_mask": [], "truncated": 0, **{k: np.float32(0) for k in extra_fields}}
+             "completion_mask": [], "truncated": 0, "desirable": np.float32(0),
+             **{k: np.float32(0) for k in extra_fields},
+             **{k: "" for k in text_fields}}
     rows = [blank if ex is None else ex for ex in examples]
     rows += [blank] * (batch_size - len(rows))
     truncated = np.array([r["truncated"] for r in rows], np.int32)
@@ -410,8 +453,12 @@ def collate(examples: Sequence[dict | None], *, kind: str, batch_size: int,
         positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0).astype(np.int32)
         return dict(tokens=tokens, mask=mask, positions=positions,
                     lengths=mask.sum(1).astype(np.int32), valid=valid, truncated=truncated,
-                    skipped=skipped)
+                    skipped=skipped, **{k: np.array([r[k] for r in rows], object)
+                                        for k in text_fields})
     response_masks = None
+    if kind == "unpaired":
+        return _collate_unpaired(rows, valid, truncated, skipped, buckets=buckets,
+                                 pad_id=pad_id, extra_fields=extra_fields)
     if kind in ("sft", "chat"):
         prompts, responses = [r["prompt"] for r in rows], [r["completion"] for r in rows]
         if kind == "chat":
@@ -426,6 +473,41 @@ def collate(examples: Sequence[dict | None], *, kind: str, batch_size: int,
     mask[row_valid == 0] = 0
     out = dict(tokens=tokens, mask=mask, loss_mask=loss_mask, prompt_lens=prompt_lens,
                valid=valid, truncated=truncated, skipped=skipped)
+    for key in extra_fields:
+        out[key] = np.array([r[key] for r in rows], np.float32)
+    return out
+
+
+def mismatched_rows(valid: np.ndarray) -> np.ndarray:
+    """For each row b, the row whose completion its mismatched (KL) row takes: the real row
+    before it, the first real row taking the last one's (KTO's estimate of KL(pi || pi_ref),
+    Ethayarajh et al. 2024; TRL rolls the batch the same way). Padding rows point at
+    themselves. Real rows are paired with another row only when there are at least two."""
+    real = np.flatnonzero(valid)
+    source = np.arange(len(valid))
+    source[real] = np.roll(real, 1)
+    return source
+
+
+def _collate_unpaired(rows, valid, truncated, skipped, *, buckets, pad_id, extra_fields):
+    prompts, completions = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    max_len = max(buckets)
+    # Row b's prompt with another row's completion, cut to fit as the truncation rule cuts a
+    # response (its prompt is already within max_prompt_len).
+    other = mismatched_rows(valid)
+    kl_completions = [completions[o][:max(0, max_len - len(p))]
+                      for p, o in zip(prompts, other)]
+    length = bucket_length(max(len(p) + len(c) for p, c in
+                               zip(prompts * 2, completions + kl_completions)), buckets)
+    tokens, mask, loss_mask, prompt_lens = _right_pad(prompts, completions, length, pad_id)
+    kl_tokens, kl_mask, kl_loss_mask, _ = _right_pad(prompts, kl_completions, length, pad_id)
+    kl_valid = valid * int(np.sum(valid) >= 2)
+    mask[valid == 0] = 0
+    kl_mask[kl_valid == 0] = 0
+    out = dict(tokens=tokens, mask=mask, loss_mask=loss_mask, prompt_lens=prompt_lens,
+               desirable=np.array([r["desirable"] for r in rows], np.float32), valid=valid,
+               kl_tokens=kl_tokens, kl_mask=kl_mask, kl_loss_mask=kl_loss_mask,
+               kl_valid=kl_valid.astype(np.int32), truncated=truncated, skipped=skipped)
     for key in extra_fields:
         out[key] = np.array([r[key] for r in rows], np.float32)
     return out
@@ -496,15 +578,21 @@ class BatchIterator:
 
 def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.BaseTokenizer,
                   config: BatchConfig, fields: dict | None = None, format: str = "plain",
-                  extra_fields: Sequence[str] = (), name: str = "source",
+                  extra_fields: Sequence[str] = (), text_fields: Sequence[str] = (),
+                  name: str = "source",
                   encoder: Callable | None = None,
-                  chat_loss_on: str = "all_assistant") -> BatchIterator:
+                  chat_loss_on: str = "all_assistant",
+                  split_pairs: bool = False) -> BatchIterator:
     """Batches from any random-access source (a TFDS `as_data_source()` split, a list of dicts).
 
-    kind: "sft", "prompts", "pairs" or "chat". fields: record keys for the roles of `kind`
-    (defaults: prompt / completion / chosen / rejected / messages). format: see `TextEncoder`.
+    kind: "sft", "prompts", "pairs", "chat" or "unpaired". fields: record keys for the roles of
+    `kind` (defaults: prompt / completion / chosen / rejected / messages / desirable).
+    split_pairs: with kind="unpaired", `source` holds pairs (fields: their roles), read as 2N
+    unpaired rows (module docstring); errors name the pair record. format: see `TextEncoder`.
     chat_loss_on: for kind="chat", "all_assistant" or "last_assistant" turns carry the loss.
     extra_fields: numeric record fields passed through as [B] float32 (pairs, sft).
+    text_fields: text record fields passed through as [B] object arrays of str (prompts: the
+      fields a reward reads, such as a verifier's answer; "" on padding rows).
     name: used in error messages (e.g. "rlhf_hh_pairs/train").
     """
     if kind not in KINDS:
@@ -512,11 +600,15 @@ def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.BaseTokenizer,
     if chat_loss_on not in CHAT_LOSS_ON:
         raise ConfigError(f"batching: chat_loss_on={chat_loss_on!r} is invalid; use one of "
                           f"{CHAT_LOSS_ON}")
-    unknown = sorted(set(fields or {}) - set(DEFAULT_FIELDS[kind]))
+    if split_pairs and kind != "unpaired":
+        raise ConfigError(f"batching: split_pairs=True makes unpaired rows, not kind={kind!r}; "
+                          "use kind='unpaired'")
+    roles = DEFAULT_FIELDS["pairs" if split_pairs else kind]
+    unknown = sorted(set(fields or {}) - set(roles))
     if unknown:
-        raise ConfigError(f"batching: fields {unknown} are not roles of kind={kind!r}; use "
-                          f"{sorted(DEFAULT_FIELDS[kind])}")
-    fields = {**DEFAULT_FIELDS[kind], **(fields or {})}
+        raise ConfigError(f"batching: fields {unknown} are not roles of kind={kind!r}"
+                          f"{' with split_pairs' if split_pairs else ''}; use {sorted(roles)}")
+    fields = {**roles, **(fields or {})}
     enc = encoder or TextEncoder(tokenizer, format=format)
     n = len(source)
     if n == 0:
@@ -524,22 +616,46 @@ def make_iterator(source, *, kind: str, tokenizer: tokenizer_lib.BaseTokenizer,
                         fix="prepare the dataset with records in this split, or pick another "
                             "split")
 
-    def encode(index, record):
+    def encode(index, record, row_fields=fields, desirable=None):
         try:
-            return _encode_record(index, record, kind=kind, fields=fields, enc=enc,
+            return _encode_record(index, record, kind=kind, fields=row_fields, enc=enc,
                                   config=config, name=name, extra_fields=extra_fields,
-                                  chat_loss_on=chat_loss_on)
+                                  text_fields=text_fields, chat_loss_on=chat_loss_on,
+                                  desirable=desirable)
         except OverlongError:
             if config.overlong == "skip":
                 return None   # collate turns it into an empty row with skipped=1
             raise
 
-    def to_batch(indices, records):
-        return collate([encode(i, r) for i, r in zip(indices, records)], kind=kind,
-                       batch_size=config.batch_size, buckets=config.buckets,
-                       pad_id=tokenizer.pad_id, extra_fields=extra_fields)
+    def batch_of(examples):
+        return collate(examples, kind=kind, batch_size=config.batch_size,
+                       buckets=config.buckets, pad_id=tokenizer.pad_id,
+                       extra_fields=extra_fields, text_fields=text_fields)
 
-    return index_batches(source, kind=kind, config=config, to_batch=to_batch)
+    if split_pairs:
+        # Row i < n is pair i's chosen completion (desirable), row n + j pair j's rejected one.
+        sides = {True: {"prompt": fields["prompt"], "completion": fields["chosen"]},
+                 False: {"prompt": fields["prompt"], "completion": fields["rejected"]}}
+        return index_batches(
+            _SplitPairs(source), kind="unpaired (split pairs)", config=config,
+            to_batch=lambda indices, records: batch_of(
+                [encode(i % n, r, sides[i < n], i < n) for i, r in zip(indices, records)]))
+    return index_batches(source, kind=kind, config=config, to_batch=lambda indices, records:
+                         batch_of([encode(i, r) for i, r in zip(indices, records)]))
+
+
+class _SplitPairs:
+    """A source of N pair records as 2N unpaired rows: row i reads pair i mod N (which of its
+    completions the row takes is decided where it is encoded, in `make_iterator`)."""
+
+    def __init__(self, pairs):
+        self.pairs, self.n = pairs, len(pairs)
+
+    def __len__(self):
+        return 2 * self.n
+
+    def __getitems__(self, indices):
+        return read(self.pairs, [i % self.n for i in indices])
 
 
 def read(source, indices: list[int]) -> list:

@@ -8,6 +8,8 @@ Builders (TFDS names in brackets):
 
 - `SyntheticTestbed` [rlhf_synthetic], configs "sft", "prompts", "pairs", "rankings": the
   testbed of `synthetic.py`, train and test splits (test prompts never occur in train).
+- `ArithmeticTask` [rlhf_arithmetic], configs "sft", "prompts": the testbed's checkable task
+  (`arithmetic.py`), each record with its `answer`; test prompts never occur in train.
 - `HhRlhfPairs` [rlhf_hh_pairs]: Anthropic HH-RLHF jsonl(.gz) files placed in manual_dir.
 - `TldrComparisons` [rlhf_tldr_comparisons]: OpenAI summarize-from-feedback comparison
   JSON-lines files placed in manual_dir.
@@ -40,7 +42,7 @@ import numpy as np
 from etils import epath
 import tensorflow_datasets as tfds
 
-from rlhf_jax.data import records
+from rlhf_jax.data import arithmetic, records
 from rlhf_jax.data import synthetic
 from rlhf_jax.data.records import DataError
 from rlhf_jax.errors import ConfigError
@@ -225,6 +227,49 @@ class SyntheticTestbed(_RlhfBuilder):
         for r in rows:
             r["gold"] = np.asarray(r["gold"], np.float32)
         return rows
+
+
+@dataclasses.dataclass(eq=False)
+class ArithmeticConfig(tfds.core.BuilderConfig):
+    """What to generate: kind "sft" (prompt, completion, answer) or "prompts" (prompt,
+    answer), sizes, seed, the operands' number of digits, the share of noisy
+    demonstrations in the training split (arithmetic.slip) and the task ("add" or "copy")."""
+
+    kind: str = "sft"
+    n_train: int = 5_000
+    n_test: int = 500
+    seed: int = 0
+    digits: int = 2
+    noise: float = 0.0
+    task: str = "add"
+
+
+class ArithmeticTask(_RlhfBuilder):
+    """The testbed's checkable task: sums of two numbers, the answer in a field (arithmetic.py)."""
+
+    name = "rlhf_arithmetic"
+    BUILDER_CONFIGS = [ArithmeticConfig(name="sft", kind="sft"),
+                       ArithmeticConfig(name="prompts", kind="prompts")]
+
+    def _features(self):
+        text = tfds.features.Text()
+        if self.builder_config.kind == "sft":
+            return dict(prompt=text, completion=text, answer=text)
+        return dict(prompt=text, answer=text)
+
+    def _split_generators(self, dl_manager):
+        del dl_manager  # nothing to download
+        cfg = self.builder_config
+        # Test problems first, then training problems that avoid them: held out by prompt.
+        test = arithmetic.examples(cfg.n_test, digits=cfg.digits, seed=cfg.seed + 1_000_003,
+                                   task=cfg.task)
+        train = arithmetic.examples(cfg.n_train, digits=cfg.digits, seed=cfg.seed,
+                                    exclude=frozenset(r["prompt"] for r in test),
+                                    noise=cfg.noise, task=cfg.task)
+        keep = ("prompt", "completion", "answer") if cfg.kind == "sft" else ("prompt", "answer")
+        splits = {split: [(f"{split}-{i}", {k: r[k] for k in keep}) for i, r in enumerate(rows)]
+                  for split, rows in (("train", train), ("test", test))}
+        return self._finish(splits, where="arithmetic")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -540,7 +585,8 @@ class ImdbPrompts(_RlhfBuilder):
 # Convenience
 # ---------------------------------------------------------------------------------------------
 
-BUILDERS = {b.name: b for b in (SyntheticTestbed, HhRlhfPairs, TldrComparisons, ImdbPrompts)}
+BUILDERS = {b.name: b for b in (SyntheticTestbed, ArithmeticTask, HhRlhfPairs,
+                                 TldrComparisons, ImdbPrompts)}
 
 
 def prepare(builder: str | type, *, data_dir: str, config=None, manual_dir: str | None = None,

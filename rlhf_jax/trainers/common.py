@@ -16,7 +16,7 @@ import optax
 
 from rlhf_jax import checkpoint, hf, model, sharding
 from rlhf_jax.errors import CheckpointError, ConfigError
-from rlhf_jax.data import batching, builders, synthetic
+from rlhf_jax.data import batching, sources, synthetic
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.trainers import fields
 
@@ -118,7 +118,8 @@ RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batc
 
 # Config keys added after checkpoints were written, with the value that behaves as before: a
 # checkpoint without the key was run that way.
-ADDED_KEYS = {"data.format": "plain", "norm.policy_from": ""}
+ADDED_KEYS = {"data.format": "plain", "norm.policy_from": "", "data.kind": "pairs",
+              "data.split_pairs": False}
 
 
 def _flat(tree, prefix=""):
@@ -229,87 +230,28 @@ def tokenizer_from_meta(meta: dict):
 
 
 def testbed() -> synthetic.Testbed:
-    """The synthetic testbed with its default settings (deterministic; built once per process)."""
-    global _TESTBED
-    if _TESTBED is None:
-        _TESTBED = synthetic.Testbed()
-    return _TESTBED
+    """The review testbed with its default settings (deterministic; built once per process)."""
+    return sources.testbed()
 
 
-_TESTBED = None
+def source(data) -> sources.Source:
+    """The data source `data.source` names (rlhf_jax/data/sources.py)."""
+    return sources.get(data.source)
 
 
-def token_testbed(data, tok):
-    """The testbed, when the data is the testbed's and `tok` is its tokenizer; else None.
-
-    The testbed's gold reward reads the testbed's own token ids, so a model with another
-    tokenizer (one loaded from a Hugging Face checkpoint, say) trains on the testbed's text
-    but cannot be scored by its gold reward token by token.
-    """
-    if data.source != "synthetic":
-        return None
-    bed = testbed()
-    return bed if tok.same_ids(bed.tokenizer) else None
+def gold(data, tok) -> sources.Gold | None:
+    """What evaluations report as the truth for a model with tokenizer `tok` on this data:
+    the review testbed's r* (for its own token ids), the arithmetic task's exact match, or
+    None (a dataset without one)."""
+    return source(data).gold(tok)
 
 
 def data_source(data, kind: str, split: str, workdir: Path):
-    """A random-access source for `kind` ("sft", "prompts", "pairs") and split.
-
-    data.source == "synthetic": the testbed's TFDS builder, prepared under
-    `data.data_dir` (default workdir/data) with data.n_train / data.n_test / data.seed.
-    data.source == "tfds": an already prepared TFDS dataset `data.name` under `data.data_dir`
-    (default workdir/data as well). Every process of a multi-host run may call this at once
-    on a shared workdir: `builders.prepare` lets the first prepare the testbed while the
-    others wait for it.
-    """
-    if data.source == "synthetic":
-        data_dir = data.get("data_dir", "") or str(workdir / "data")
-        n_train, n_test = int(data.n_train), int(data.n_test)
-        tau, flip_rate = float(data.get("tau", 1.0)), float(data.get("flip_rate", 0.0))
-        # Every field that changes the records is in the name: a prepared dataset of that
-        # name is reused as it is.
-        cfg = builders.SyntheticConfig(
-            name=f"{kind}_{n_train}_{n_test}_s{data.seed}_t{tau}_f{flip_rate}",
-            kind=kind, n_train=n_train, n_test=n_test, seed=int(data.seed), tau=tau,
-            flip_rate=flip_rate)
-        builder = builders.prepare(builders.SyntheticTestbed, data_dir=data_dir, config=cfg)
-        return builder.as_data_source(split=split)
-    if data.source == "tfds":
-        data_dir = data.get("data_dir", "") or str(workdir / "data")
-        require(Path(data_dir).is_dir(),
-                f"data.data_dir={data_dir!r} does not exist; prepare the dataset first (see "
-                "docs/data.md) and point data.data_dir at it")
-        import tensorflow_datasets as tfds
-        try:
-            with builders.quiet_tfds():
-                return tfds.data_source(data.name, split=split, data_dir=data_dir,
-                                        download=False)
-        except (ValueError, KeyError) as e:
-            # A name not prepared there (DatasetNotFoundError, a ValueError, or a KeyError for
-            # a registered builder), or a split it does not have. TFDS's message goes on to
-            # list its whole catalog: keep its first line and list what is prepared instead.
-            text = str(e.args[0]) if e.args else type(e).__name__
-            first = (text.strip().splitlines() or [type(e).__name__])[0].rstrip(".")
-            prepared = _prepared_datasets(Path(data_dir))
-            shown = ", ".join(prepared[:20]) + (f" and {len(prepared) - 20} more"
-                                                 if len(prepared) > 20 else "")
-            raise ConfigError(f"data.name={data.name!r} (split {split!r}) cannot be read from "
-                              f"data.data_dir={data_dir!r}: {first}; datasets prepared "
-                              f"there: {shown or 'none'}; fix data.name or prepare the dataset "
-                              "first (see docs/data.md)") from None
-    raise ConfigError(f"data.source={data.source!r} is invalid; choose one of "
-                      f"{list(fields.DATA_SOURCES)}")
-
-
-def _prepared_datasets(data_dir: Path) -> list[str]:
-    """Names of the TFDS datasets prepared under data_dir (those with a dataset_info.json in
-    <name>/[<config>/]<version>/), as data.name would spell them."""
-    found = set()
-    for info in list(data_dir.glob("*/*/dataset_info.json")) + list(
-            data_dir.glob("*/*/*/dataset_info.json")):
-        parts = info.relative_to(data_dir).parts[:-2]      # drop <version>/dataset_info.json
-        found.add("/".join(parts))
-    return sorted(found)
+    """A random-access source of `kind` records ("sft", "prompts", "pairs", "rankings") for
+    `split`, from the registered data source `data.source` (sources.py). Every process of a
+    multi-host run may call this at once on a shared workdir: `builders.prepare` lets the first
+    prepare a testbed while the others wait for it."""
+    return source(data).records(data, kind, split, workdir)
 
 
 GOLD_FIELDS = ("gold_chosen", "gold_rejected")
@@ -330,8 +272,9 @@ def check_data(data, *, batch_size: int) -> None:
     """The data fields that only make sense together, checked when the config is read: a TFDS
     source names its dataset; prompts fit the buckets with room for a response (the checks of
     batching.BatchConfig, under the config's own names)."""
-    require(data.source != "tfds" or bool(data.name),
-            "data.source='tfds' needs data.name: the prepared dataset to read (see docs/data.md)")
+    require(source(data).generated or bool(data.name),
+            f"data.source={data.source!r} needs data.name: the prepared dataset to read (see "
+            "docs/data.md)")
     try:
         batch_config(data, batch_size=batch_size, seed=0)
     except ConfigError as e:

@@ -6,11 +6,10 @@ stage gives it a default.
 """
 
 from rlhf_jax.model import _DTYPES, ACTIVATIONS, NORMS, POSITIONS
-from rlhf_jax.schema import Bool, Choice, Dict, Float, Int, Str, Tuple
+from rlhf_jax.schema import Bool, Choice, Dict, Float, Int, Spec, Str, Tuple
 
 # Choices the trainers branch on, named once here and read by trainers/common.py.
 SCHEDULES = ("cosine", "constant")
-DATA_SOURCES = ("synthetic", "tfds")
 
 SIZE = Str(nonempty=True, doc="the experiment's size preset, e.g. 'default' or 'smoke'")
 SEED = Int(ge=0, doc="training seed: initialisation, data order, sampling")
@@ -68,8 +67,10 @@ MODEL = {
 def data(**extra) -> dict:
     """The data group: where records come from, the testbed's size, and how they are batched."""
     return {
-        "source": Choice(*DATA_SOURCES, doc="the built-in testbed, or a prepared TFDS "
-                                                  "dataset (data.name under data.data_dir)"),
+        "source": Spec("data_source", doc="where records come from: a built-in testbed "
+                                          "('synthetic', 'arithmetic(digits=2)') or a "
+                                          "prepared TFDS dataset ('tfds': data.name under "
+                                          "data.data_dir)"),
         "name": Str(doc="the TFDS dataset name when source='tfds'"),
         "data_dir": Str(doc="where datasets are prepared or read; '' = WORKDIR/data"),
         "format": Choice("plain", "chat", doc="plain text, or prompts as conversations in the "
@@ -87,6 +88,11 @@ def data(**extra) -> dict:
 BATCH_SIZE = Int(ge=1, doc="sequences (or pairs) per step")
 TAU = Float(gt=0, doc="Bradley-Terry temperature of the testbed's preference labels")
 FLIP_RATE = Float(ge=0, le=1, doc="fraction of testbed labels flipped at random")
+# The preference stage's records, and pairs read as unpaired rows (for KTO; docs/data.md).
+PREF_DATA_KIND = Choice("pairs", "unpaired", doc="pairs {prompt, chosen, rejected} or unpaired "
+                                                 "rows {prompt, completion, desirable}")
+SPLIT_PAIRS = Bool(doc="read each pair as two unpaired rows: its chosen completion desirable, "
+                       "its rejected one undesirable (for an unpaired loss such as kto)")
 
 
 def loop(*, steps_min: int = 1, eval_every: bool = False) -> dict:

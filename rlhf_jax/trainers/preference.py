@@ -1,4 +1,4 @@
-"""Direct preference optimisation (DPO, cDPO, IPO, SimPO, ORPO) from an SFT checkpoint.
+"""Direct preference optimisation (DPO, cDPO, IPO, SimPO, ORPO, ..., KTO) from an SFT checkpoint.
 
     stage_dir = preference.train(config, workdir)   # writes workdir/<config.stage>/, returns it
 
@@ -17,6 +17,25 @@ The reference log-probs are computed once per batch inside the jitted step but o
 gradient, and not at all for reference-free losses (SimPO, ORPO). Rows with valid=0 (padding
 of a final partial batch) carry zero weight.
 
+KTO on unpaired rows (Ethayarajh et al. 2024). A name registered under the kind `unpaired_loss`
+(`pref_loss="kto(beta=0.1)"`) trains on unpaired rows instead of pairs: each a prompt, one
+completion and a desirable flag, read from records of that form (`data.kind="unpaired"`,
+docs/data.md) or from pairs split into rows (`data.split_pairs=True`: each pair a desirable row
+of its chosen completion and an undesirable row of its rejected one; the testbed has pairs
+only). `data.batch_size` then counts rows. The loss reads
+
+    policy_logps, ref_logps          [B] summed completion log-probs, policy and reference
+    desirable                        [B] 1 for a desirable completion, 0 otherwise
+    kl_policy_logps, kl_ref_logps    [B] the same for the mismatched rows (prompt b with the
+    kl_weights                           completion of the row before it; batching.py)
+
+The mismatched rows cost one extra forward pass of the [B, T] batch under the policy and one
+under the reference, both outside the gradient: KTO's reference point z0 = max(0, mean of their
+log-ratios) estimates KL(pi || pi_ref) and is a constant of the step. Each step also logs
+pref/desirable_logratio and pref/undesirable_logratio (mean log pi/pi_ref of each kind of row).
+A paired loss on unpaired rows, an unpaired loss on pairs that are not split, or unpaired
+records from a source that has none is refused when the config is read.
+
 Re-running in the same workdir resumes from the latest checkpoint and ends with the same
 parameters as an uninterrupted run. The checkpoint meta says model_kind="policy", so a DPO
 policy loads and evaluates like any other policy (`common.load_stage`).
@@ -25,12 +44,17 @@ At the end: the loss's implicit-reward accuracy and margin on the test pairs (an
 testbed, their agreement with the gold ordering), then on the testbed a generation eval that
 samples from the trained policy and from the reference on the same held-out prompts with the
 same random numbers and reports gold reward (`gold/reward`, `gold/ref_reward`, `gold/gain`,
-`gold/gain_in_ref_std`) and the sequence KL to the reference (`objective/kl`).
+`gold/gain_in_ref_std`) and the sequence KL to the reference (`objective/kl`). For unpaired
+rows the test eval is the loss's metrics on the test rows (shuffled, so that a batch mixes
+desirable and undesirable rows), each batch with its own z0: eval/pref_accuracy is then the
+share of rows on their side of z0 (r - z0 > 0 for desirable rows, < 0 for undesirable ones).
 """
 
+import dataclasses
 import functools
 import time
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +62,9 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import checkpoint, evaluation, metrics as metrics_lib, registry, schema
+from rlhf_jax import rewards as rewards_lib
 from rlhf_jax.data import batching
+from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import common, fields
 
 STAGE = "dpo"
@@ -53,10 +79,12 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # Pairs: the testbed's Bradley-Terry-labelled pairs (tau = label noise temperature).
     # Testbed rows are at most 9 prompt + 24 completion tokens, so one bucket of 36 (as in the
-    # SFT and reward stages) never truncates (docs/testbed.md).
+    # SFT and reward stages) never truncates (docs/testbed.md). kind="unpaired" reads unpaired
+    # rows, split_pairs=True reads pairs as unpaired rows (both for an unpaired loss: KTO).
     c.data = ml_collections.ConfigDict(dict(
-        source="synthetic", name="", data_dir="", format="plain", n_train=10_000,
-        n_test=1_000, seed=0, tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=32))
+        source="synthetic", name="", data_dir="", format="plain", kind="pairs",
+        split_pairs=False, n_train=10_000, n_test=1_000, seed=0, tau=1.0, flip_rate=0.0,
+        buckets=(36,), max_prompt_len=12, batch_size=32))
     # Tuned on the default testbed SFT model (see experiments/dpo.py, which lists the runs):
     # with beta 0.2, 32 pairs at lr 5e-4 for 80 steps gain ~0.65 SFT std at KL ~4; with beta
     # 0.1, comparable budgets reached KL 4.9-13 for gains of -0.08 to 0.69 std.
@@ -76,10 +104,48 @@ def default_config() -> ml_collections.ConfigDict:
 # Pieces (pure functions of arrays; the trainer below wires them up)
 # ---------------------------------------------------------------------------------------------
 
+# The registry kinds config.pref_loss may name, and the rows their losses train on (the batching
+# kind): the kind a name is registered under picks the trainer's path (`PATHS` below).
+LOSS_KINDS = {"pref_loss": "pairs", "unpaired_loss": "unpaired"}
+
+
+def resolve_loss(spec: str) -> tuple[str, Callable]:
+    """(registry kind, function with its arguments bound) of a config.pref_loss string."""
+    name, _ = registry.parse(spec)
+    kinds = [k for k in LOSS_KINDS if name in registry.names(k)]
+    if len(kinds) != 1:
+        listed = "; ".join(f"{', '.join(registry.names(k))} ({LOSS_KINDS[k]})"
+                           for k in LOSS_KINDS)
+        raise ConfigError(f"{'unknown' if not kinds else 'ambiguous'} preference loss "
+                          f"{name!r}; registered: {listed}")
+    return kinds[0], registry.get(kinds[0], spec)
+
+
+class _LossField(schema.Field):
+    """config.pref_loss: a registry spec of a pref_loss (pairs) or an unpaired_loss (unpaired
+    rows). Its kind stays "spec" of pref_loss, so --help lists those functions' arguments."""
+
+    def describe(self) -> str:
+        kinds = " or ".join(f"{k} ({LOSS_KINDS[k]}: {', '.join(registry.names(k))})"
+                            for k in LOSS_KINDS)
+        return f"the name of a registered {kinds}, or 'name(arg=value)'"
+
+    def problem(self, value) -> str | None:
+        if not isinstance(value, str):
+            return f"must be {self.describe()}"
+        try:
+            resolve_loss(value)
+        except ValueError as e:
+            return str(e)
+        return None
+
+
+REFERENCE_INPUTS = ("ref_chosen_logps", "ref_rejected_logps", "ref_logps", "kl_ref_logps")
+
+
 def needs_reference(loss_fn) -> bool:
     """Whether the loss reads reference log-probs; if not, no reference pass is traced."""
-    return (registry.accepts(loss_fn, "ref_chosen_logps")
-            or registry.accepts(loss_fn, "ref_rejected_logps"))
+    return any(registry.accepts(loss_fn, name) for name in REFERENCE_INPUTS)
 
 
 def pair_logps(graphdef, params, batch):
@@ -96,6 +162,12 @@ def pair_logps(graphdef, params, batch):
     b = seq.shape[0] // 2
     chosen_nll = -seq[:b] / jnp.maximum(lengths[:b], 1.0)
     return seq[:b], seq[b:], chosen_nll, lengths[:b], lengths[b:]
+
+
+def row_logps(graphdef, params, tokens, mask, loss_mask):
+    """Summed completion log-probs [B] of right-padded rows [B, T] (unpaired rows)."""
+    logps_bt, _ = common.sequence_logps(graphdef, params, tokens, mask, loss_mask)
+    return jnp.sum(logps_bt, axis=-1)
 
 
 def reference_logps(graphdef, ref_params, batch):
@@ -138,8 +210,13 @@ def _optimizer(optim_items: tuple, steps: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef, loss_fn, optimizer, use_ref: bool):
-    """(update, eval_terms, init_opt), jitted.
+def _compiled(graphdef, loss_fn, optimizer, use_ref: bool, loss_kind: str = "pref_loss"):
+    """(update, eval_terms, init_opt), jitted, for a loss registered under `loss_kind`."""
+    return PATHS[loss_kind].steps(graphdef, loss_fn, optimizer, use_ref)
+
+
+def _pair_steps(graphdef, loss_fn, optimizer, use_ref: bool):
+    """The steps of a pref_loss on the [2B, T] pair batch.
 
     update(params, opt_state, guard, ref_params, batch, step) -> (params, opt_state, guard,
     metrics): one guarded optimizer step, params and opt_state donated. eval_terms(params,
@@ -186,6 +263,63 @@ def _compiled(graphdef, loss_fn, optimizer, use_ref: bool):
             jax.jit(optimizer.init))
 
 
+def _logratio_means(logratio, desirable, valid):
+    """Mean log pi/pi_ref over the real desirable rows and over the real undesirable ones (0
+    where there are none): what KTO raises and lowers."""
+    real = valid > 0
+    out = {}
+    for name, rows in (("desirable", real & (desirable > 0)),
+                       ("undesirable", real & (desirable <= 0))):
+        out[f"pref/{name}_logratio"] = (jnp.sum(jnp.where(rows, logratio, 0.0))
+                                        / jnp.maximum(jnp.sum(rows), 1))
+    return out
+
+
+def _unpaired_steps(graphdef, loss_fn, optimizer, use_ref: bool):
+    """The steps of an unpaired_loss on unpaired rows (batching kind "unpaired"), with the
+    signatures of `_pair_steps`, except that eval_terms returns the loss's metrics on the
+    whole batch (its z0 is a statistic of the batch: a row alone has none)."""
+    use_kl = registry.accepts(loss_fn, "kl_policy_logps")
+
+    def constants(params, ref_params, batch):
+        # Everything the loss reads but the policy's own log-probs, outside the gradient: the
+        # reference's log-probs and, for KTO's z0, the mismatched rows' under the policy and
+        # the reference (one extra [B, T] forward pass each).
+        rows = (batch["tokens"], batch["mask"], batch["loss_mask"])
+        kl_rows = (batch["kl_tokens"], batch["kl_mask"], batch["kl_loss_mask"])
+        out = {}
+        if use_ref:
+            out["ref_logps"] = row_logps(graphdef, ref_params, *rows)
+        if use_kl:
+            out["kl_policy_logps"] = row_logps(graphdef, params, *kl_rows)
+            out["kl_ref_logps"] = row_logps(graphdef, ref_params, *kl_rows)
+            out["kl_weights"] = batch["kl_valid"]
+        return jax.lax.stop_gradient(out)
+
+    def loss_on(params, consts, batch):
+        policy = row_logps(graphdef, params, batch["tokens"], batch["mask"], batch["loss_mask"])
+        loss, m = registry.call(loss_fn, policy_logps=policy, desirable=batch["desirable"],
+                                weights=batch["valid"], **consts)
+        return loss, (m, policy)
+
+    def update(params, opt_state, guard, ref_params, batch, step):
+        consts = constants(params, ref_params, batch)
+        (loss, (m, policy)), grads = jax.value_and_grad(loss_on, has_aux=True)(
+            params, consts, batch)
+        params, opt_state, guard, grad_norm = common.guarded_apply(
+            optimizer, params, opt_state, grads, loss, guard, step)
+        if use_ref:
+            m = {**m, **_logratio_means(policy - consts["ref_logps"], batch["desirable"],
+                                        batch["valid"])}
+        return params, opt_state, guard, {**m, "pref/loss": loss, "pref/grad_norm": grad_norm}
+
+    def eval_terms(params, ref_params, batch):
+        return loss_on(params, constants(params, ref_params, batch), batch)[1][0]
+
+    return (jax.jit(update, donate_argnums=(0, 1)), jax.jit(eval_terms),
+            jax.jit(optimizer.init))
+
+
 # ---------------------------------------------------------------------------------------------
 # The stage
 # ---------------------------------------------------------------------------------------------
@@ -195,14 +329,16 @@ SCHEMA = {
     "stage": schema.Str(nonempty=True, doc="the stage directory under WORKDIR"),
     "init_from": schema.Str(doc="the SFT stage directory (policy init and reference); "
                                 "'' = WORKDIR/sft"),
-    "pref_loss": schema.Spec("pref_loss"),
+    "pref_loss": _LossField("spec", registry_kind="pref_loss",
+                            doc="the loss; its registry kind says which rows it trains on"),
     "mesh": fields.MESH,
-    "data": fields.data(tau=fields.TAU, flip_rate=fields.FLIP_RATE,
+    "data": fields.data(kind=fields.PREF_DATA_KIND, split_pairs=fields.SPLIT_PAIRS,
+                        tau=fields.TAU, flip_rate=fields.FLIP_RATE,
                         batch_size=fields.BATCH_SIZE),
     "optim": fields.OPTIM,
     **fields.loop(),
-    "eval_batches": schema.Int(ge=0, doc="held-out pair batches for the preference eval; "
-                                         "0 = skip"),
+    "eval_batches": schema.Int(ge=0, doc="held-out pair (or row) batches for the preference "
+                                         "eval; 0 = skip"),
     "gen": {
         "n_prompts": schema.Int(ge=0, doc="held-out prompts sampled for the gold-reward and "
                                           "KL eval (testbed only); 0 = skip"),
@@ -218,6 +354,37 @@ def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
     schema.check(config, SCHEMA)
     common.check_data(config.data, batch_size=config.data.batch_size)
+    check_rows(config)
+
+
+# How to get the rows a loss trains on, for the one-line error when the data gives the others.
+_GET_ROWS = {
+    "pairs": "use a paired loss with pair records (data.kind='pairs', data.split_pairs=False)",
+    "unpaired": "set data.split_pairs=True to split each pair into a desirable and an "
+                "undesirable row, or read unpaired records (data.kind='unpaired')",
+}
+
+
+def check_rows(config) -> None:
+    """The loss, the records and the split of pairs agree: a paired loss trains on pairs, an
+    unpaired loss (KTO) on unpaired rows, which the data source must be able to supply."""
+    data = config.data
+    common.require(not (data.split_pairs and data.kind != "pairs"),
+                   f"data.split_pairs=True splits pair records, but data.kind={data.kind!r} "
+                   "records are unpaired rows already; set data.split_pairs=False")
+    have = common.source(data).kinds       # None: whatever a prepared dataset holds
+    common.require(have is None or data.kind in have,
+                   f"data.kind={data.kind!r}: data.source={data.source!r} has no {data.kind} "
+                   f"records (it has {', '.join(have or ())}); read them from a prepared TFDS "
+                   "dataset (data.source='tfds')" + (
+                       ", or split its pairs into rows (data.kind='pairs', "
+                       "data.split_pairs=True)" if have and "pairs" in have else ""))
+    rows = LOSS_KINDS[resolve_loss(config.pref_loss)[0]]
+    given = "unpaired" if data.kind == "unpaired" or data.split_pairs else "pairs"
+    split = " with data.split_pairs=True" if data.split_pairs else ""
+    common.require(given == rows,
+                   f"pref_loss={config.pref_loss!r} trains on {rows} rows, but "
+                   f"data.kind={data.kind!r}{split} gives {given} rows; {_GET_ROWS[rows]}")
 
 
 def train(config, workdir) -> Path:
@@ -227,7 +394,8 @@ def train(config, workdir) -> Path:
 
     # --- config, mesh ---------------------------------------------------------------------
     validate(config)
-    loss_fn = registry.get("pref_loss", config.pref_loss)
+    loss_kind, loss_fn = resolve_loss(config.pref_loss)
+    path = PATHS[loss_kind]                      # pairs, or unpaired rows (KTO)
     use_ref = needs_reference(loss_fn)
     mesh, rules = common.setup_mesh(config, config.data.batch_size,
                                      2 * config.data.batch_size)
@@ -235,13 +403,13 @@ def train(config, workdir) -> Path:
     # --- model: policy and frozen reference from the SFT stage -------------------------------
     graphdef, params, model_cfg, tok, init_meta = common.load_stage(
         init_from, mesh=mesh, rules=rules, seed=config.seed)
-    testbed = common.token_testbed(config.data, tok)   # the gold generation eval needs it
+    gold = common.gold(config.data, tok)   # the data's gold reward: the generation eval
     sources = {"init_from": init_meta["source"]}   # the reference: a resumption must match it
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
                    f"max_len is {model_cfg.max_len}; lower the buckets")
     # Checked now, not when the generation eval starts after training.
-    common.require(not (testbed is not None and config.gen.n_prompts)
+    common.require(not (gold is not None and config.gen.n_prompts)
                    or config.gen.prompt_len + config.gen.max_new_tokens <= model_cfg.max_len,
                    f"gen.prompt_len + gen.max_new_tokens = "
                    f"{config.gen.prompt_len + config.gen.max_new_tokens} exceeds the SFT "
@@ -252,15 +420,23 @@ def train(config, workdir) -> Path:
     params = _copy(params)
 
     # --- data --------------------------------------------------------------------------------
-    train_it = batching.make_iterator(
-        common.data_source(config.data, "pairs", "train", workdir), kind="pairs",
-        tokenizer=tok, config=common.batch_config(config.data, batch_size=config.data.batch_size,
-                                                  seed=config.seed),
-        name="pairs/train", format=config.data.format)
+    # Records of config.data.kind, batched as the rows the loss trains on (pairs split into
+    # unpaired rows with data.split_pairs).
+    def records(split):
+        return common.data_source(config.data, config.data.kind, split, workdir)
+
+    def iterator(source, split, extra=(), **batch):
+        return batching.make_iterator(
+            source, kind=LOSS_KINDS[loss_kind], split_pairs=config.data.split_pairs,
+            tokenizer=tok, extra_fields=extra, name=f"{config.data.kind}/{split}",
+            config=common.batch_config(config.data, batch_size=config.data.batch_size,
+                                       seed=config.seed, **batch), format=config.data.format)
+
+    train_it = iterator(records("train"), "train")
 
     # --- update step ------------------------------------------------------------------------
     optimizer = _optimizer(tuple(sorted(config.optim.items())), config.steps)
-    update, eval_terms, init_opt = _compiled(graphdef, loss_fn, optimizer, use_ref)
+    update, eval_terms, init_opt = _compiled(graphdef, loss_fn, optimizer, use_ref, loss_kind)
     opt_state = init_opt(params)
     held_ref = ref_params if use_ref else None  # reference-free: never passed to the step
 
@@ -311,22 +487,18 @@ def train(config, workdir) -> Path:
                "time/train_cpu_s": time.process_time() - cpu_start,
                "time/train_steps": float(step - start_step)}
 
-    # --- eval: test pairs -------------------------------------------------------------------
+    # --- eval: test pairs (or rows) ----------------------------------------------------------
     if config.eval_batches:
-        test_source = common.data_source(config.data, "pairs", "test", workdir)
+        test_source = records("test")
         # Gold rewards are fields of the records (the testbed's), whatever the tokenizer.
-        extra = common.gold_fields(test_source)
-        test_it = batching.make_iterator(
-            test_source, kind="pairs", tokenizer=tok, extra_fields=extra,
-            config=common.batch_config(config.data, batch_size=config.data.batch_size,
-                                       seed=config.seed, shuffle=False, num_epochs=1,
-                                       drop_remainder=False), name="pairs/test",
-            format=config.data.format)
-        results.update(_pair_eval(eval_terms, params, held_ref, test_it, config.eval_batches,
-                                  mesh, rules, gold=bool(extra)))
+        extra = common.gold_fields(test_source) if path.gold else ()
+        test_it = iterator(test_source, "test", extra, shuffle=path.shuffle_test, num_epochs=1,
+                           drop_remainder=False)
+        results.update(path.evaluate(eval_terms, params, held_ref, test_it,
+                                     config.eval_batches, mesh, rules, gold=bool(extra)))
 
-    # --- eval: generation on held-out prompts (testbed: gold reward and KL) ------------------
-    if testbed is not None and config.gen.n_prompts:
+    # --- eval: generation on held-out prompts (gold reward and KL) ---------------------------
+    if gold is not None and config.gen.n_prompts:
         gen = config.gen
         prompts_data = ml_collections.ConfigDict(config.data.to_dict())
         prompts_data.n_train = prompts_data.n_test = int(gen.n_prompts)
@@ -337,11 +509,12 @@ def train(config, workdir) -> Path:
 
         prompts = list(batching.make_iterator(
             common.data_source(prompts_data, "prompts", "test", workdir), kind="prompts",
-            tokenizer=tok, config=prompt_cfg, name="prompts/test", format=config.data.format))
+            tokenizer=tok, config=prompt_cfg, name="prompts/test", format=config.data.format,
+            text_fields=rewards_lib.record_fields(rewards_lib.parse(gold.expr))))
         evaluator = evaluation.Evaluator(
             graphdef=graphdef, ref_params=ref_params, prompts=prompts,
             max_new_tokens=gen.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
-            testbed=testbed, temperature=gen.temperature)
+            gold=gold, tokenizer=tok, temperature=gen.temperature)
         # The same key for both: a paired comparison on the same random numbers.
         key = jax.random.key(config.seed)
         policy = evaluation.summarize(evaluator.samples(params, key))
@@ -385,12 +558,62 @@ def _pair_eval(eval_terms, params, ref_params, test_it, max_batches, mesh, rules
             keep = valid & (gold_diff != 0)
             agree += float(np.sum((np.sign(margin) == np.sign(gold_diff))[keep]))
             n_gold += float(np.sum(keep))
+    out = _eval_means(sums, n)
+    if out and gold and n_gold:
+        out["eval/gold_agreement"] = agree / n_gold
+    return out
+
+
+def _eval_means(sums: dict, n: float) -> dict:
+    """eval/<metric> = sums[metric] / n for every metric of the loss, and its accuracy and
+    margin again as eval/pref_accuracy and eval/pref_margin (loss-independent names, so
+    ablations share a column); {} without rows."""
     if n == 0:
         return {}
     out = {f"eval/{k}": v / n for k, v in sums.items()}
     prefix = metric_prefix(sums)
     out["eval/pref_accuracy"] = out[f"eval/{prefix}/accuracy"]
     out["eval/pref_margin"] = out[f"eval/{prefix}/margin"]
-    if gold and n_gold:
-        out["eval/gold_agreement"] = agree / n_gold
     return out
+
+
+def _unpaired_eval(eval_terms, params, ref_params, test_it, max_batches, mesh, rules, *,
+                   gold=False):
+    """The loss's metrics on test rows, each batch's weighted by its number of real rows.
+
+    For KTO each batch has its own z0 (from its mismatched rows), and eval/pref_accuracy is
+    kto/accuracy: the share of rows on their side of z0, r - z0 > 0 for a desirable row and
+    < 0 for an undesirable one (ties count half); eval/pref_margin the signed beta (r - z0).
+    Unpaired rows have no gold order to agree with (`gold` is always False here).
+    """
+    del gold
+    sums, n = {}, 0.0
+    for i, host in enumerate(test_it):
+        if i >= max_batches:
+            break
+        rows = float(np.sum(host["valid"]))
+        m = jax.device_get(eval_terms(params, ref_params, common.place_batch(host, mesh, rules)))
+        for k, v in m.items():   # batch means over real rows: weighted, they add up
+            sums[k] = sums.get(k, 0.0) + rows * float(v)
+        n += rows
+    return _eval_means(sums, n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The two paths: which rows a loss kind trains on, and how they are stepped and evaluated
+# ---------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Path:
+    steps: Callable          # (graphdef, loss_fn, optimizer, use_ref) -> (update, eval_terms, init)
+    evaluate: Callable       # the test eval over eval_terms
+    gold: bool               # the test eval compares with the records' gold rewards
+    shuffle_test: bool       # test rows are shuffled (seeded) before the first eval_batches
+
+
+PATHS = {
+    "pref_loss": _Path(_pair_steps, _pair_eval, gold=True, shuffle_test=False),
+    # Shuffled: rows split from pairs are all chosen ones, then all rejected ones, and a
+    # prepared dataset may be sorted by its flag too; a batch should hold both kinds.
+    "unpaired_loss": _Path(_unpaired_steps, _unpaired_eval, gold=False, shuffle_test=True),
+}

@@ -117,11 +117,13 @@ def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
     schema.check(config, SCHEMA)
     common.check_data(config.data, batch_size=config.data.batch_size)
-    common.require(config.data.source != "tfds" or bool(config.norm.prompts_name),
+    source = common.source(config.data)
+    common.require(source.generated or bool(config.norm.prompts_name),
                    "norm.prompts_name must name the prepared prompts dataset when "
-                   "data.source='tfds' (the reward is normalised on samples for its prompts)")
-    common.require(_data_kind(config) == "pairs" or config.data.source == "synthetic",
-                   f"loss={config.loss!r} trains on ranked lists, which only the synthetic "
+                   f"data.source={config.data.source!r} (the reward is normalised on samples "
+                   "for its prompts)")
+    common.require(_data_kind(config) == "pairs" or "rankings" in (source.kinds or ()),
+                   f"loss={config.loss!r} trains on ranked lists, which only the review "
                    "testbed provides here; use data.source='synthetic' or a pairwise loss")
     common.require(config.steps > 0 or config.epochs > 0,
                    f"epochs={config.epochs} must be positive when steps=0")
@@ -412,21 +414,20 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
     prompt_len = int(config.data.max_prompt_len)
     new_tokens = int(norm.max_new_tokens) or max(config.data.buckets) - prompt_len
     common.require(new_tokens > 0, f"norm.max_new_tokens={new_tokens} leaves no room to sample")
-    if config.data.source == "synthetic":
-        pdata = _sub_data(config.data, n_train=norm.prompts_n_train, n_test=norm.prompts_n_test)
-    else:
-        pdata = _sub_data(config.data, name=norm.prompts_name)
+    # A testbed generates its prompts (as many as asked); a dataset's are a prepared dataset.
+    pdata = (_sub_data(config.data, n_train=norm.prompts_n_train, n_test=norm.prompts_n_test)
+             if common.source(config.data).generated
+             else _sub_data(config.data, name=norm.prompts_name))
+    gold = common.gold(config.data, tok)
+    monitor = rewards_lib.parse(gold.expr) if gold is not None else ()
+    text_fields = rewards_lib.record_fields(monitor)
     prompts_it = batching.make_iterator(
         common.data_source(pdata, "prompts", "train", workdir), kind="prompts", tokenizer=tok,
         config=batching.BatchConfig(batch_size=norm.batch_size,
                                     buckets=(prompt_len, max(config.data.buckets)),
                                     max_prompt_len=prompt_len, seed=config.seed),
-        name="prompts/train", format=config.data.format)
-    bed = common.token_testbed(config.data, tok)     # gold scores need the testbed's tokens
-    monitor = rewards_lib.parse("gold") if bed is not None else ()
-    params = {"policy": policy[1]}
-    if bed is not None:
-        params["tables"] = bed.tables
+        name="prompts/train", format=config.data.format, text_fields=text_fields)
+    params = {"policy": policy[1], **(gold.inputs if gold is not None else {})}
     rng = jax.random.key(config.seed)
     tokens, masks, golds, n = [], [], [], 0
     while n < norm.n_samples:
@@ -437,11 +438,12 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
             graphdef=policy[0], terms=(), monitor=monitor, params=params,
             prompt=batch["tokens"], prompt_mask=batch["mask"], rng=key,
             max_new_tokens=new_tokens, temperature=float(norm.temperature),
-            stop_ids=tok.stop_ids, pad_id=tok.pad_id)
+            stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok,
+            fields={k: host[k] for k in text_fields})
         tokens.append(np.asarray(r["seq"]))
         masks.append(np.asarray(r["seq_mask"]))
-        if bed is not None:
-            golds.append(np.asarray(r["reward/gold"]))
+        if gold is not None:
+            golds.append(np.asarray(rewards_lib.total(monitor, r)))
         n += r["seq"].shape[0]
     # The last batch may overshoot n_samples; keep every sample (they are all from the policy).
     return {"tokens": tokens, "mask": masks,

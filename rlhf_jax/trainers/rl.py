@@ -158,8 +158,12 @@ def validate(config) -> int:
     common.require("model" in sources_used or not config.reward_from,
                    f"reward_from is not used with reward={config.reward!r}; leave it empty or "
                    "add the 'model' term to reward")
-    common.require("gold" not in sources_used or config.data.source == "synthetic",
-                   "the 'gold' reward needs the synthetic testbed (data.source='synthetic')")
+    provided = common.source(config.data).reward_inputs
+    for term in rewards_lib.parse(config.reward):
+        common.require(not registry.accepts(term.fn, "tables") or "tables" in provided,
+                       f"the {term.name!r} reward reads the review testbed's gold tables, which "
+                       f"data.source={config.data.source!r} does not have; use "
+                       "data.source='synthetic', or another reward")
     n = r.prompts_per_step * r.samples_per_prompt
     common.require(n % config.ppo.minibatches == 0,
                    f"rollout size {n} (prompts_per_step x samples_per_prompt) is not divisible "
@@ -309,16 +313,19 @@ def train(config, workdir) -> Path:
                 new_head=True)[:2]
     else:
         value_graphdef, value_params = None, {}
-    testbed = common.token_testbed(config.data, tok)
-    common.require("gold" not in rewards_lib.names(config.reward) or testbed is not None,
+    gold = common.gold(config.data, tok)
+    common.require("gold" not in rewards_lib.names(config.reward) or gold is not None,
                    "reward='gold' scores the testbed's own token ids, and this policy "
                    f"({config.init_from or 'WORKDIR/sft'}) uses another tokenizer; use "
                    "reward='model' with reward_from, or start from a testbed SFT stage")
-    # On the testbed the gold reward is logged beside whatever the policy optimises.
-    monitor = rewards_lib.parse("gold") if testbed is not None else ()
+    # The data's gold reward (the testbed's r*, a task's exact match) is logged beside
+    # whatever the policy optimises.
+    monitor = rewards_lib.parse(gold.expr) if gold is not None else ()
     score_params = {"ref": ref_params}
-    if testbed is not None:
-        score_params["tables"] = {k: jnp.asarray(v) for k, v in testbed.tables.items()}
+    if gold is not None:
+        score_params.update({k: jax.tree.map(jnp.asarray, v) for k, v in gold.inputs.items()})
+    # Fields of the prompt records the rewards read (a verifier's answer) ride with the batches.
+    text_fields = rewards_lib.record_fields(terms + tuple(monitor))
     if reward is not None:
         score_params["reward"] = reward[1]
     p_len = max(config.data.buckets)
@@ -331,7 +338,7 @@ def train(config, workdir) -> Path:
         common.data_source(config.data, "prompts", "train", workdir), kind="prompts",
         tokenizer=tok, config=common.batch_config(config.data, batch_size=r.prompts_per_step,
                                                   seed=config.seed), name="prompts/train",
-        format=config.data.format)
+        format=config.data.format, text_fields=text_fields)
 
     # --- losses from the registry ---------------------------------------------------------------
     policy_loss_fn = registry.get("policy_loss", config.policy_loss)
@@ -479,12 +486,13 @@ def train(config, workdir) -> Path:
             common.data_source(config.data, "prompts", "test", workdir), kind="prompts",
             tokenizer=tok, config=common.batch_config(
                 config.data, batch_size=min(config.eval_prompts, 256), seed=config.seed,
-                shuffle=False), name="prompts/test", format=config.data.format)
+                shuffle=False), name="prompts/test", format=config.data.format,
+            text_fields=rewards_lib.record_fields(monitor))
         eval_prompts = [next(test_it) for _ in range(max(1, config.eval_prompts // 256))]
         evaluator = evaluation.Evaluator(
             graphdef=graphdef, ref_params=ref_params, prompts=eval_prompts,
             max_new_tokens=r.max_new_tokens, eos_id=tok.stop_ids, pad_id=tok.pad_id,
-            reward=None if reward is None else reward[:2], testbed=testbed,
+            reward=None if reward is None else reward[:2], gold=gold, tokenizer=tok,
             temperature=r.temperature, max_rows=n_rollout,  # the rollouts' compiled sampler
             place=lambda b: common.place_batch(b, mesh, rules))
 
@@ -511,6 +519,7 @@ def train(config, workdir) -> Path:
                 greedy_rollouts.append(greedy_rollout(batch, key))
             placed = common.place_batch({k: np.repeat(batch[k], group, axis=0)
                                          for k in ("tokens", "mask")}, mesh, rules)
+            fields = {k: np.repeat(batch[k], group) for k in text_fields}
             # Old log-probs are recomputed by a training-layout forward, so the first ratio of
             # the update is exactly 1 (the sampler's agree to ~1e-6: rollout/logp_gap_*).
             return rollout_lib.sample_and_score(
@@ -519,7 +528,7 @@ def train(config, workdir) -> Path:
                 max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                 stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, recompute=True,
                 value_graphdef=value_graphdef if uses_critic else None,
-                reward_graphdef=None if reward is None else reward[0])
+                reward_graphdef=None if reward is None else reward[0], fields=fields)
 
         def greedy_rollout(batch, key):
             """Each prompt's greedy completion, scored like the samples (ReMax's baseline)."""
@@ -533,7 +542,8 @@ def train(config, workdir) -> Path:
                 prompt_mask=placed["mask"], completion=completion,
                 completion_mask=completion_mask, sample_logps=logps,
                 temperature=r.temperature, stop_ids=tok.stop_ids, tokenizer=tok,
-                recompute=True, reward_graphdef=None if reward is None else reward[0])
+                recompute=True, reward_graphdef=None if reward is None else reward[0],
+                fields={k: batch[k] for k in text_fields})
 
         greedy_rollouts = []
         if r.dynamic_sampling:

@@ -66,15 +66,16 @@ def validate(config):
                    "data.tokenizer is not used with init_from (the checkpoint carries its "
                    "tokenizer); leave one of them empty")
     common.require(bool(config.init_from or config.data.tokenizer)
-                   or config.data.source == "synthetic",
-                   "data.tokenizer is required with data.source='tfds' (a sentencepiece "
-                   ".model or a Hugging Face tokenizer directory), unless init_from gives a "
-                   "checkpoint with its own")
+                   or common.source(config.data).tokenizer() is not None,
+                   f"data.tokenizer is required with data.source={config.data.source!r} (a "
+                   "sentencepiece .model or a Hugging Face tokenizer directory), unless "
+                   "init_from gives a checkpoint with its own")
 
 
 def load_tokenizer(config, workdir: Path) -> tokenizer_lib.BaseTokenizer:
     """data.tokenizer: a SentencePiece .model file, or a directory holding a Hugging Face
-    tokenizer (tokenizer.json or tokenizer.model, with its config files); else the testbed's."""
+    tokenizer (tokenizer.json or tokenizer.model, with its config files); else the data
+    source's own (a testbed's)."""
     if config.data.tokenizer:
         path = Path(config.data.tokenizer)
         if path.is_dir():
@@ -83,9 +84,10 @@ def load_tokenizer(config, workdir: Path) -> tokenizer_lib.BaseTokenizer:
                        f"data.tokenizer={config.data.tokenizer!r} does not exist; give the path "
                        "of a sentencepiece .model or of a Hugging Face tokenizer directory")
         return tokenizer_lib.Tokenizer.load(config.data.tokenizer)
-    common.require(config.data.source == "synthetic",
-                   "data.tokenizer is required unless data.source='synthetic'")
-    return common.testbed().tokenizer
+    tok = common.source(config.data).tokenizer()
+    common.require(tok is not None, f"data.tokenizer is required with data.source="
+                   f"{config.data.source!r}, which has no tokenizer of its own")
+    return tok
 
 
 def train(config, workdir) -> Path:
