@@ -630,6 +630,17 @@ def aot_pair(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps,
                   **_implicit_reward_metrics("aot_pair", beta * lr_c, beta * lr_r, rows)}
 
 
+# Ranks pair rows across the whole batch: no split of it adds up to the batch's loss (the
+# batch contract, point 4). Trainers refuse to micro-batch it.
+aot_pair.splits = False
+
+
+def splits(loss_fn) -> bool:
+    """Whether a batch split into micro-batches adds up to the whole batch under `loss_fn`
+    (every loss but one that pairs rows across the batch, such as `aot_pair`)."""
+    return getattr(getattr(loss_fn, "func", loss_fn), "splits", True)
+
+
 @registry.register("pref_loss", args={
     "beta": _BETA, "alpha": schema.Float(ge=0, doc="weight of the chosen response's NLL")})
 def rpo(*, policy_chosen_logps, policy_rejected_logps, ref_chosen_logps, ref_rejected_logps,

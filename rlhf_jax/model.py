@@ -56,6 +56,13 @@ ACTIVATIONS = ("swiglu", "geglu", "gelu")
 GATED = ("swiglu", "geglu")
 ROPE_TYPES = ("default", "linear", "llama3")
 LAYER_TYPES = ("full", "sliding")
+# Runtime options: how the model computes, not what (no parameter, no exported field depends on
+# them). "dots" saves the outputs of matmuls without batch dimensions (the q/k/v/o and MLP
+# projections) and recomputes the rest, attention scores included.
+REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable,
+                  "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
+ATTENTIONS = ("einsum", "dot_product", "cudnn")
+RUNTIME_FIELDS = ("remat", "logits_chunk", "attention")
 
 
 def _dtype(name_or_dtype):
@@ -84,6 +91,13 @@ class ModelConfig:
       sqrt(d_model), norms after attention and MLP too (post_norms), attention and final logit
       soft-capping, queries scaled by query_pre_attn_scalar**-0.5, sliding-window layers
       (layer_types, sliding_window) with their own rope base (rope_local_theta, Gemma 3).
+
+    The last fields (RUNTIME_FIELDS) say how to compute, for memory, not what: `remat`
+    (rematerialise each block in the backward pass: REMAT_POLICIES), `logits_chunk` (score
+    log-probs and entropies over chunks of positions: `target_logprobs`) and `attention`
+    (`Attention._fused`). No parameter depends on them and `hf.py` never exports them; a
+    checkpoint's meta written before they existed rebuilds with their defaults, which are
+    today's computation. docs/model.md, "Memory options", gives their costs.
     """
 
     vocab_size: int = 64
@@ -122,6 +136,10 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0   # llama3 scaling only
     rope_original_max_len: int = 8192    # llama3 scaling only
     family: str = ""             # the Hugging Face family this config came from ("" = none)
+    # --- runtime options (RUNTIME_FIELDS; defaults: today's path, bitwise) ------------------
+    remat: str = "none"          # rematerialise each block: "none" | "full" | "dots"
+    logits_chunk: int = 0        # log-probs/entropy over chunks of this many positions; 0 = off
+    attention: str = "einsum"    # "einsum" | "dot_product" (jax.nn.dot_product_attention) | "cudnn"
 
     def __post_init__(self):
         # JSON (checkpoint meta) turns tuples into lists; a frozen config must stay hashable.
@@ -141,7 +159,8 @@ class ModelConfig:
             problems.append(
                 f"n_heads={self.n_heads} must be divisible by n_kv_heads={self.n_kv_heads}")
         for field, choices in (("norm", NORMS), ("position", POSITIONS),
-                               ("activation", ACTIVATIONS), ("rope_type", ROPE_TYPES)):
+                               ("activation", ACTIVATIONS), ("rope_type", ROPE_TYPES),
+                               ("remat", tuple(REMAT_POLICIES)), ("attention", ATTENTIONS)):
             if getattr(self, field) not in choices:
                 problems.append(f"{field}={getattr(self, field)!r}; choose one of "
                                 f"{list(choices)}")
@@ -160,7 +179,7 @@ class ModelConfig:
             if "sliding" in self.layer_types and self.sliding_window < 1:
                 problems.append("sliding layers need sliding_window >= 1")
         for field in ("attn_softcap", "final_softcap", "query_pre_attn_scalar",
-                      "rope_local_theta", "sliding_window"):
+                      "rope_local_theta", "sliding_window", "logits_chunk"):
             if getattr(self, field) < 0:
                 problems.append(f"{field}={getattr(self, field)} must be >= 0 (0 = off)")
         if self.rope_factor <= 0:
@@ -184,6 +203,11 @@ class ModelConfig:
     def replace(self, **changes) -> "ModelConfig":
         """A copy with some fields changed (validated again)."""
         return dataclasses.replace(self, **changes)
+
+
+# The runtime fields' defaults: the plain computation (what a config without them ran).
+RUNTIME_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)
+                    if f.name in RUNTIME_FIELDS}
 
 
 PRESETS = {
@@ -371,6 +395,10 @@ class Attention(nnx.Module):
                             else 1.0 / math.sqrt(k))
         self.softcap = float(cfg.attn_softcap)
         self.dtype = _dtype(cfg.dtype)
+        # cfg.attention, and the sliding window of this layer (0: full), for the
+        # jax.nn.dot_product_attention path.
+        self.attention = cfg.attention
+        self.window = cfg.sliding_window if cfg.is_sliding(layer) else 0
 
     def __call__(self, x_btd, positions_bt, allowed_bts, cache=None, cache_index=None):
         """x: [B, T, D]; allowed: [B, T, S] bool (True where query t may attend key s).
@@ -378,6 +406,11 @@ class Attention(nnx.Module):
         Without a cache S == T. With a cache (dict k, v: [B, G, S, K]) the new keys/values are
         written at [cache_index, cache_index + T) and attention runs over the whole cache.
         Returns (y [B, T, D], updated cache or None).
+
+        cfg.attention "dot_product"/"cudnn" route the cache-free forward (training, scoring)
+        through `jax.nn.dot_product_attention` (`_fused`). With a cache (prefill and decode,
+        whose cache is heads-major [B, G, S, K] while that function reads [B, S, G, K]) and with
+        attention soft-capping (Gemma 2), which it cannot express, the einsum path below runs.
         """
         q = self.q_proj(x_btd)                     # [B, T, H, K]
         k = self.k_proj(x_btd)                     # [B, T, G, K]
@@ -388,6 +421,8 @@ class Attention(nnx.Module):
             inv_freq = rope_frequencies(**dict(self.rope_args))
             q = rope(q, positions_bt, inv_freq=inv_freq)
             k = rope(k, positions_bt, inv_freq=inv_freq)
+        if cache is None and self.attention != "einsum" and not self.softcap:
+            return self.o_proj(self._fused(q, k, v, allowed_bts)), None
         # Heads-major [B, G, T, K] layout: the cache is stored the way the attention matmuls
         # read it, so a decode step writes one slot instead of transposing the whole cache.
         k = jnp.swapaxes(k, 1, 2)
@@ -413,6 +448,31 @@ class Attention(nnx.Module):
         out = jnp.einsum("bgrts,bgsk->btgrk", probs, v.astype(self.dtype))
         out = out.reshape(b, t, self.n_heads, self.head_dim)
         return self.o_proj(out), cache
+
+    def _fused(self, q_bthk, k_btgk, v_btgk, allowed_btt):
+        """Causal self-attention through `jax.nn.dot_product_attention` -> [B, T, H, K].
+
+        The queries are scaled here, in the compute dtype, exactly as the einsum path scales
+        them (the function is told scale=1), and the [B, T, T] mask is the einsum path's, so
+        its XLA implementation computes the same numbers. Query head h uses kv head
+        h // (H / G) in both. "dot_product" picks cuDNN's fused (flash) kernel on a GPU with a
+        16-bit compute dtype when cuDNN accepts the shapes, XLA otherwise; "cudnn" insists on
+        it. For cuDNN the mask is also stated as causal plus the layer's window, which lets the
+        kernel skip the tiles they exclude (the dense mask still applies: padding).
+        """
+        q = q_bthk * jnp.asarray(self.query_scale, q_bthk.dtype)
+        kw = dict(mask=allowed_btt[:, None], scale=1.0)
+        cudnn_kw = dict(kw, implementation="cudnn", is_causal=True,
+                        local_window_size=(self.window - 1, 0) if self.window else None)
+        if self.attention == "cudnn":
+            return jax.nn.dot_product_attention(q, k_btgk, v_btgk, **cudnn_kw)
+        if jax.default_backend() in ("gpu", "cuda") and self.dtype in (jnp.bfloat16,
+                                                                          jnp.float16):
+            try:
+                return jax.nn.dot_product_attention(q, k_btgk, v_btgk, **cudnn_kw)
+            except (ValueError, NotImplementedError, RuntimeError):
+                pass   # shapes, dtype or cuDNN version it does not support: the XLA path
+        return jax.nn.dot_product_attention(q, k_btgk, v_btgk, implementation="xla", **kw)
 
 
 class MLP(nnx.Module):
@@ -465,6 +525,27 @@ class Block(nnx.Module):
         if self.mlp_post_norm is not None:
             y = self.mlp_post_norm(y)
         return x + y, cache
+
+
+def _remat_block(block, policy, x, positions, allowed):
+    """block(x, positions, allowed) under `jax.checkpoint` with `policy` (REMAT_POLICIES): the
+    backward pass recomputes the block's activations instead of keeping them. The block is
+    split into its static graph and its parameters so that the checkpointed function is pure
+    (the parameters are its inputs and get their gradients). The numbers are the plain
+    block's: the same operations run, only later."""
+    graphdef, state = nnx.split(block)
+
+    def run(state, x, positions, allowed):
+        return nnx.merge(graphdef, state)(x, positions, allowed)[0]
+
+    return jax.checkpoint(run, policy=policy)(state, x, positions, allowed)
+
+
+def unembed(hidden_btd, weight, equation: str, *, softcap: float = 0.0):
+    """Logits [B, T, V] float32 from hidden states and the output projection
+    (`Transformer.unembedding`), soft-capped as cap * tanh(logits / cap) when softcap > 0."""
+    logits = jnp.einsum(equation, hidden_btd, weight, preferred_element_type=jnp.float32)
+    return softcap * jnp.tanh(logits / softcap) if softcap else logits
 
 
 def default_positions(mask_bt):
@@ -550,28 +631,32 @@ class Transformer(nnx.Module):
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions_bt)
         new_cache = []
+        remat = cache is None and self.cfg.remat != "none"    # training: nothing to decode
         for i, layer in enumerate(self.layers()):
-            x, c = layer(x, positions_bt, allowed, None if cache is None else cache[i],
-                         cache_index)
+            if remat:
+                x, c = _remat_block(layer, REMAT_POLICIES[self.cfg.remat], x, positions_bt,
+                                    allowed), None
+            else:
+                x, c = layer(x, positions_bt, allowed, None if cache is None else cache[i],
+                             cache_index)
             new_cache.append(c)
         x = self.final_norm(x)
         return (x, None) if cache is None else (x, new_cache)
 
+    def unembedding(self):
+        """(weight, einsum equation) of the output projection, in the compute dtype: the
+        untied lm_head [D, V] or the tied embedding table [V, D]. `unembed` applies them."""
+        if self.lm_head is not None:
+            return self.lm_head.kernel[...].astype(self.dtype), "btd,dv->btv"
+        if not self.has_lm_head and not self.cfg.tie_embeddings:
+            raise ValueError("This Transformer was built with lm_head=False (a backbone)")
+        return self.embed.embedding[...].astype(self.dtype), "btd,vd->btv"
+
     def logits(self, hidden_btd):
         """Unembedding [B, T, D] -> [B, T, V]; logits are returned in float32 (soft-capped at
         final_softcap where the family has it, Gemma 2)."""
-        if self.lm_head is not None:
-            kernel = self.lm_head.kernel[...].astype(self.dtype)
-            logits = jnp.einsum("btd,dv->btv", hidden_btd, kernel,
-                                preferred_element_type=jnp.float32)
-        elif not self.has_lm_head and not self.cfg.tie_embeddings:
-            raise ValueError("This Transformer was built with lm_head=False (a backbone)")
-        else:
-            table = self.embed.embedding[...].astype(self.dtype)
-            logits = jnp.einsum("btd,vd->btv", hidden_btd, table,
-                                preferred_element_type=jnp.float32)
-        cap = self.cfg.final_softcap
-        return cap * jnp.tanh(logits / cap) if cap else logits
+        weight, equation = self.unembedding()
+        return unembed(hidden_btd, weight, equation, softcap=self.cfg.final_softcap)
 
     def __call__(self, tokens_bt, *, mask_bt=None, positions_bt=None):
         """Training forward: returns (logits [B, T, V] float32, hidden [B, T, D])."""
@@ -764,6 +849,84 @@ def entropy(logits_btv, mask_bt=None, *, temperature: float = 1.0):
     if mask_bt is not None:
         ent = jnp.where(mask_bt.astype(jnp.bool_), ent, 0.0)
     return ent
+
+
+def target_logprobs(graphdef, params, tokens_bt, targets_bl, target_mask_bl, *, mask_bt=None,
+                    positions_bt=None, temperature: float = 1.0, with_entropy: bool = False):
+    """Log-probs (and entropies) of the policy's next-token distributions at the last L
+    positions before the end: the one scoring path of the trainers and rollouts.
+
+    tokens [B, T] (mask_bt: which are real); targets [B, L], L < T, are scored by the logits
+    at positions T-1-L .. T-2, i.e. they are the tokens that follow, as in
+    `token_logprobs(logits[:, T-1-L:-1], targets, target_mask)`: targets = tokens[:, 1:]
+    scores a whole sequence, targets = the completion scores [prompt | completion].
+    Returns (logps [B, L], entropy [B, L] or None), float32, 0 where target_mask is 0, of
+    softmax(logits / temperature).
+
+    With cfg.logits_chunk = c > 0 the trunk runs to the hidden states [B, T, D] and the
+    unembedding, log-softmax and entropy run over chunks of c positions, each under
+    `jax.checkpoint` inside a `lax.scan`: the forward keeps one [B, c, V] block at a time and
+    the backward recomputes each chunk's logits, so the [B, T, V] float32 logits are never
+    held (at V = 128k-262k they dominate training memory). Same values and gradients as the
+    unchunked path up to float rounding. With 0 this is exactly `apply` + `token_logprobs`
+    (+ `entropy`).
+    """
+    net = nnx.merge(graphdef, params)
+    t, n = tokens_bt.shape[1], targets_bl.shape[1]
+    start = t - 1 - n
+    if start < 0:
+        raise ValueError(f"{n} targets need at least {n + 1} tokens, got {t}")
+    chunk = net.cfg.logits_chunk
+    if not chunk:
+        logits, _ = net(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+        logits = logits[:, start:-1]
+        logps = token_logprobs(logits, targets_bl, target_mask_bl, temperature=temperature)
+        ent = entropy(logits, target_mask_bl, temperature=temperature) if with_entropy else None
+        return logps, ent
+    hidden, _ = net.hidden_states(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+    weight, equation = net.unembedding()
+    return chunked_logprobs(hidden[:, start:-1], weight, equation, targets_bl, target_mask_bl,
+                            chunk=chunk, softcap=net.cfg.final_softcap,
+                            temperature=temperature, with_entropy=with_entropy)
+
+
+def chunked_logprobs(hidden_bld, weight, equation: str, targets_bl, target_mask_bl, *,
+                     chunk: int, softcap: float = 0.0, temperature: float = 1.0,
+                     with_entropy: bool = False):
+    """`token_logprobs` (and `entropy`) of unembed(hidden) over chunks of `chunk` positions,
+    without materialising the [B, L, V] logits (see `target_logprobs`). hidden [B, L, D] is
+    aligned with targets [B, L]; L need not divide by `chunk` (the last chunk is padded with
+    masked positions). Returns (logps [B, L], entropy [B, L] or None)."""
+    b, n = targets_bl.shape
+    n_chunks = -(-n // chunk)
+    pad = n_chunks * chunk - n
+    mask_bl = jnp.ones((b, n), jnp.bool_) if target_mask_bl is None else \
+        target_mask_bl.astype(jnp.bool_)
+    if pad:
+        hidden_bld = jnp.pad(hidden_bld, ((0, 0), (0, pad), (0, 0)))
+        targets_bl = jnp.pad(targets_bl, ((0, 0), (0, pad)))
+        mask_bl = jnp.pad(mask_bl, ((0, 0), (0, pad)))
+
+    def split(x):   # [B, n_chunks * chunk, ...] -> [n_chunks, B, chunk, ...]
+        return jnp.swapaxes(x.reshape(b, n_chunks, chunk, *x.shape[2:]), 0, 1)
+
+    @jax.checkpoint   # the backward pass recomputes this chunk's logits: only [B, c, D] kept
+    def one(weight, h_bcd, y_bc, m_bc):
+        logits = unembed(h_bcd, weight, equation, softcap=softcap)
+        logps = token_logprobs(logits, y_bc, m_bc, temperature=temperature)
+        ent = entropy(logits, m_bc, temperature=temperature) if with_entropy else None
+        return logps, ent
+
+    def body(carry, xs):
+        return carry, one(weight, *xs)
+
+    _, (logps, ent) = jax.lax.scan(body, None, (split(hidden_bld), split(targets_bl),
+                                                split(mask_bl)))
+
+    def join(x):    # [n_chunks, B, chunk] -> [B, L]
+        return jnp.swapaxes(x, 0, 1).reshape(b, n_chunks * chunk)[:, :n]
+
+    return join(logps), (join(ent) if with_entropy else None)
 
 
 def count_params(params, *, exclude_embeddings: bool = False) -> int:

@@ -47,21 +47,21 @@ def join(prompt_tokens, prompt_mask, completion, completion_mask):
 def completion_logps(graphdef, params, seq, seq_mask, completion, completion_mask, *,
                      temperature: float = 1.0):
     """log pi(y_t | x, y_<t) of each completion token. seq = [prompt (P, left-padded), completion
-    (L)]; logits at position P - 1 + j predict completion token j. Returns [N, L] (0 off-mask)."""
-    p = seq.shape[1] - completion.shape[1]
-    logits, _ = model.apply(graphdef, params, seq, mask_bt=seq_mask)
-    return model.token_logprobs(logits[:, p - 1:-1], completion, completion_mask,
-                                temperature=temperature)
+    (L)]; logits at position P - 1 + j predict completion token j. Returns [N, L] (0 off-mask).
+    Chunked over positions when the model's cfg.logits_chunk > 0 (`model.target_logprobs`)."""
+    return model.target_logprobs(graphdef, params, seq, completion, completion_mask,
+                                 mask_bt=seq_mask, temperature=temperature)[0]
 
 
 @functools.lru_cache(maxsize=32)
 def _scorer(graphdef, ref: bool, recompute: bool, value_graphdef, reward_graphdef,
-            device_terms: tuple, temperature: float, stop_ids: tuple):
+            device_terms: tuple, temperature: float, stop_ids: tuple, chunks: int = 1):
     """One compiled scoring function per (models, options), shared by every consumer in the
-    process. Inputs that change per call (parameters, gold tables) are arguments."""
+    process. Inputs that change per call (parameters, gold tables) are arguments. chunks > 1
+    scores the rows in that many sequential chunks (`lax.map`): every output is per row, so
+    the result is the same, with the forward passes' activations of N / chunks rows alive."""
 
-    @jax.jit
-    def score(params, prompt, prompt_mask, completion, completion_mask, sample_logps):
+    def rows(params, prompt, prompt_mask, completion, completion_mask, sample_logps):
         completion_mask = completion_mask.astype(jnp.int32)
         seq, seq_mask = join(prompt, prompt_mask, completion, completion_mask)
         out = {"seq": seq, "seq_mask": seq_mask,
@@ -93,12 +93,22 @@ def _scorer(graphdef, ref: bool, recompute: bool, value_graphdef, reward_graphde
             out["values"] = values[:, p - 1:-1] * completion_mask
         return out
 
+    if chunks == 1:
+        return jax.jit(rows)
+
+    @jax.jit
+    def score(params, *arrays):
+        split = [x.reshape((chunks, x.shape[0] // chunks) + x.shape[1:]) for x in arrays]
+        out = jax.lax.map(lambda a: rows(params, *a), split)
+        return jax.tree.map(lambda x: x.reshape((-1,) + x.shape[2:]), out)
+
     return score
 
 
 def score(*, graphdef, terms, params: dict, prompt, prompt_mask, completion, completion_mask,
           sample_logps, temperature: float, stop_ids, tokenizer=None, recompute: bool = False,
-          value_graphdef=None, reward_graphdef=None, monitor=(), fields=None) -> dict:
+          value_graphdef=None, reward_graphdef=None, monitor=(), fields=None,
+          chunks: int = 1) -> dict:
     """Scores completions already sampled (see the module docstring for the keys).
 
     terms: the reward expression's `rewards.Term`s (from `rewards.parse`); monitor: further
@@ -108,13 +118,14 @@ def score(*, graphdef, terms, params: dict, prompt, prompt_mask, completion, com
     value_graphdef), "reward" (the reward model's params, with reward_graphdef; used by the
     "model" term), "tables" (the testbed's gold tables; the "gold" term). tokenizer decodes the
     completions for host (text) rewards; fields: {name: [N] str} of each row's prompt record,
-    for the rewards that read them (`rewards.record_fields`).
+    for the rewards that read them (`rewards.record_fields`). chunks: score the rows in this
+    many sequential chunks (it must divide N), for memory; the same numbers.
     """
     everything = tuple(terms) + tuple(t for t in monitor if t.name not in
                                       {u.name for u in terms})
     device_terms = tuple(t for t in everything if not t.host)
     fn = _scorer(graphdef, "ref" in params, recompute, value_graphdef, reward_graphdef,
-                 device_terms, float(temperature), sampling.stop_ids(stop_ids))
+                 device_terms, float(temperature), sampling.stop_ids(stop_ids), int(chunks))
     out = fn(params, prompt, prompt_mask, completion, completion_mask, sample_logps)
     out.update(prompt=prompt, prompt_mask=prompt_mask, completion=completion,
                completion_mask=out["seq_mask"][:, prompt.shape[1]:], sample_logps=sample_logps)
@@ -139,7 +150,7 @@ def score(*, graphdef, terms, params: dict, prompt, prompt_mask, completion, com
 def sample_and_score(*, graphdef, terms, params: dict, prompt, prompt_mask, rng,
                      max_new_tokens: int, temperature: float, stop_ids, pad_id: int,
                      tokenizer=None, recompute: bool = False, value_graphdef=None,
-                     reward_graphdef=None, monitor=(), fields=None) -> dict:
+                     reward_graphdef=None, monitor=(), fields=None, chunks: int = 1) -> dict:
     """Samples max_new_tokens from params["policy"] for each (left-padded) prompt row, then
     `score`s the completions. One call per rollout; rows are samples (repeat a prompt's row
     for several samples of it)."""
@@ -151,4 +162,5 @@ def sample_and_score(*, graphdef, terms, params: dict, prompt, prompt_mask, rng,
                  completion_mask=completion_mask, sample_logps=sample_logps,
                  temperature=temperature, stop_ids=stop_ids, tokenizer=tokenizer,
                  recompute=recompute, value_graphdef=value_graphdef,
-                 reward_graphdef=reward_graphdef, monitor=monitor, fields=fields)
+                 reward_graphdef=reward_graphdef, monitor=monitor, fields=fields,
+                 chunks=chunks)

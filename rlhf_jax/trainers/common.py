@@ -7,6 +7,7 @@ here knows which stage it serves.
 
 import dataclasses
 import json
+import logging
 from pathlib import Path
 import jax
 import jax.numpy as jnp
@@ -16,7 +17,7 @@ import optax
 
 from rlhf_jax import checkpoint, hf, model, sharding
 from rlhf_jax.errors import CheckpointError, ConfigError
-from rlhf_jax.data import batching, sources, synthetic
+from rlhf_jax.data import batching, records, sources, synthetic
 from rlhf_jax.data import tokenizer as tokenizer_lib
 from rlhf_jax.trainers import fields
 
@@ -85,7 +86,30 @@ def setup_mesh(config, *batch_sizes: int):
     rules = {**sharding.DEFAULT_RULES, **dict(config.mesh.get("rules", None) or {})}
     for b in batch_sizes:
         sharding.check_batch_size(b, mesh, rules)
+    line = mesh_line(mesh, rules, batch_sizes[0] if batch_sizes else None)
+    # On one device there is nothing to say on the terminal; the log has it either way.
+    if mesh.size > 1 and jax.process_index() == 0:
+        print(line, flush=True)
+    logging.getLogger(__name__).info(line)
     return mesh, rules
+
+
+def mesh_line(mesh, rules, batch_size=None) -> str:
+    """"mesh data=2 fsdp=4 tensor=1 (8 devices, 1 process); batch 32 = 4 per device on
+    (data, fsdp); rules embed->fsdp mlp->tensor ...": what a run is sharded as."""
+    shape = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
+    axes = rules.get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    procs = jax.process_count()
+    out = (f"mesh {shape} ({records.plural(mesh.size, 'device')}, {procs} "
+           f"process{'es' if procs > 1 else ''})")
+    if batch_size is not None:
+        out += (f"; batch {batch_size} = {batch_size // shards} per data shard on "
+                f"({', '.join(axes)})")
+    shown = " ".join(f"{k}->{v if isinstance(v, str) else ','.join(v or ()) or '-'}"
+                     for k, v in rules.items() if k != "batch")
+    return out + f"; rules {shown}"
 
 
 def on_mesh(tree, mesh):
@@ -113,13 +137,14 @@ def on_mesh(tree, mesh):
 # may move). Everything else changes what the remaining steps compute.
 RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batches",
                      "eval_prompts", "gen", "mesh", "data.data_dir", "init_from", "reward_from",
-                     "size")
+                     "size", "model.remat", "model.logits_chunk", "model.attention")
 
 
 # Config keys added after checkpoints were written, with the value that behaves as before: a
 # checkpoint without the key was run that way.
 ADDED_KEYS = {"data.format": "plain", "norm.policy_from": "", "data.kind": "pairs",
-              "data.split_pairs": False}
+              "data.split_pairs": False, "micro_batches": 1,
+              **{f"model.{k}": v for k, v in model.RUNTIME_DEFAULTS.items()}}
 
 
 def _flat(tree, prefix=""):
@@ -281,6 +306,14 @@ def check_data(data, *, batch_size: int) -> None:
         raise ConfigError(str(e).replace("batching: ", "data.", 1)) from None
 
 
+def check_micro_batches(config, rows: int, what: str) -> None:
+    """config.micro_batches must divide the rows of a batch (`what` names that setting)."""
+    k = config.micro_batches
+    require(rows % k == 0,
+            f"micro_batches={k} does not divide {what}={rows}; use one of "
+            f"{[d for d in range(1, rows + 1) if rows % d == 0]}")
+
+
 def batch_config(data, *, batch_size: int, seed: int, shuffle: bool = True,
                  num_epochs=None, drop_remainder: bool = True) -> batching.BatchConfig:
     return batching.BatchConfig(batch_size=batch_size, buckets=tuple(data.buckets),
@@ -330,8 +363,15 @@ def stage_source(stage_dir, *, key: str = "init_from") -> dict:
     return source_record(stage_dir, meta)
 
 
+def runtime(config) -> dict:
+    """The stage's runtime model options (model.remat, model.logits_chunk, model.attention):
+    how to compute, which a stage chooses whatever checkpoint it loads."""
+    group = config.get("model", None) or {}
+    return {k: group[k] for k in model.RUNTIME_FIELDS if k in group}
+
+
 def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
-               new_head: bool = False, key: str = "init_from"):
+               new_head: bool = False, key: str = "init_from", runtime: dict | None = None):
     """Restores the parameters of a finished stage onto `mesh`, as a model of `kind`.
 
     Returns (graphdef, params, model_cfg, tokenizer, meta). With new_head=True a policy
@@ -348,11 +388,11 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
     than the finished one (for the reward stage, one without its normalisation).
 
     `stage_dir` may also be a Hugging Face checkpoint ("hf:DIR", or a directory holding a
-    config.json): see `load_hf`.
+    config.json): see `load_hf`. `runtime` replaces the saved runtime options (`runtime()`).
     """
     if hf.is_hf_dir(stage_dir):
         return load_hf(stage_dir, kind=kind, mesh=mesh, rules=rules, seed=seed,
-                       new_head=new_head, key=key)
+                       new_head=new_head, key=key, runtime=runtime)
     stage_dir = Path(stage_dir)
     require(checkpoint.stage_has_checkpoint(stage_dir),
             f"{key}={str(stage_dir)!r} holds no complete checkpoint; run the stage that "
@@ -361,7 +401,10 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
         try:
             step = ckpt.latest_step()
             meta = ckpt.restore_meta(step)
-            saved_cfg = model.ModelConfig(**meta["model"])
+            # A meta written before the runtime fields (model.RUNTIME_FIELDS) lacks them:
+            # their defaults are how that run computed.
+            saved_cfg = model.ModelConfig(**{**model.RUNTIME_DEFAULTS, **meta["model"],
+                                             **(runtime or {})})
             saved_kind = meta.get("model_kind", "policy")
             mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
             graphdef, target = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules,
@@ -385,7 +428,7 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
 
 
 def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
-            new_head: bool = False, key: str = "init_from"):
+            new_head: bool = False, key: str = "init_from", runtime: dict | None = None):
     """`load_stage` for a Hugging Face checkpoint directory: float32 master weights computing
     in the checkpoint's own dtype, read straight onto the mesh (`hf.load`).
 
@@ -410,6 +453,10 @@ def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
         graphdef, params, cfg, tok = hf.load(directory, kind=load_kind, dtype="float32",
                                              compute_dtype=compute, mesh=mesh, rules=rules,
                                              seed=seed)
+        if runtime:      # how to compute: the same parameters under another graphdef
+            cfg = cfg.replace(**runtime)
+            graphdef = init_model(cfg, kind=load_kind, mesh=mesh, rules=rules, seed=seed,
+                                  abstract_only=True)[0]
     except (ConfigError, CheckpointError) as e:       # a DataError names its file already
         message = str(e)
         raise type(e)(message if message.startswith(shown) else f"{shown}: {message}") \
@@ -446,16 +493,17 @@ def init_model(cfg: model.ModelConfig, *, kind: str, mesh, rules, seed: int,
     return sharding.init_sharded(make, mesh=mesh, rules=rules)
 
 
-def sequence_logps(graphdef, params, tokens, mask, loss_mask, *, temperature: float = 1.0):
-    """Per-token log-probs of tokens[:, 1:] under the policy, and the logits.
+def sequence_logps(graphdef, params, tokens, mask, loss_mask, *, temperature: float = 1.0,
+                   with_entropy: bool = False):
+    """Per-token log-probs of tokens[:, 1:] under the policy (`model.target_logprobs`: chunked
+    over positions when the model's cfg.logits_chunk > 0, so no [B, T, V] logits are held).
 
-    Returns (logps [B, T-1] zero outside loss_mask[:, 1:], logits [B, T, V]).
+    Returns (logps [B, T-1] zero outside loss_mask[:, 1:], entropy [B, T-1] with
+    with_entropy, else None).
     """
-    logits, _ = model.apply(graphdef, params, tokens, mask_bt=mask)
-    target_mask = loss_mask[:, 1:]
-    logps = model.token_logprobs(logits[:, :-1], tokens[:, 1:], target_mask,
-                                 temperature=temperature)
-    return logps, logits
+    return model.target_logprobs(graphdef, params, tokens, tokens[:, 1:], loss_mask[:, 1:],
+                                 mask_bt=mask, temperature=temperature,
+                                 with_entropy=with_entropy)
 
 
 # ---------------------------------------------------------------------------------------------

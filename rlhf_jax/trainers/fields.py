@@ -5,7 +5,7 @@ Each trainer builds its `SCHEMA` (see rlhf_jax/schema.py) from these beside its
 stage gives it a default.
 """
 
-from rlhf_jax.model import _DTYPES, ACTIVATIONS, NORMS, POSITIONS
+from rlhf_jax.model import _DTYPES, ACTIVATIONS, ATTENTIONS, NORMS, POSITIONS, REMAT_POLICIES
 from rlhf_jax.schema import Bool, Choice, Dict, Float, Int, Spec, Str, Tuple
 
 # Choices the trainers branch on, named once here and read by trainers/common.py.
@@ -61,7 +61,19 @@ MODEL = {
     "init_std": Float(gt=0),
     "param_dtype": Choice(*_DTYPES),
     "dtype": Choice(*_DTYPES, doc="compute dtype"),
+    # Runtime options (memory, not architecture; docs/model.md "Memory options").
+    "remat": Choice(*REMAT_POLICIES, doc="rematerialise each block in the backward pass: "
+                                         "'none', 'full' (keep only block inputs) or 'dots' "
+                                         "(keep the projections' outputs)"),
+    "logits_chunk": Int(ge=0, doc="log-probs and entropy over chunks of this many positions, "
+                                  "never holding the [B, T, V] logits; 0 = off"),
+    "attention": Choice(*ATTENTIONS, doc="'einsum', or jax.nn.dot_product_attention: "
+                                         "'dot_product' (cuDNN on GPU where it can, else XLA) "
+                                         "or 'cudnn' (required)"),
 }
+# The runtime options alone: the `model` group of a stage that loads its model from a
+# checkpoint (the architecture comes with it; how to compute is the stage's choice).
+RUNTIME_MODEL = {k: MODEL[k] for k in ("remat", "logits_chunk", "attention")}
 
 
 def data(**extra) -> dict:
@@ -86,6 +98,9 @@ def data(**extra) -> dict:
 
 
 BATCH_SIZE = Int(ge=1, doc="sequences (or pairs) per step")
+MICRO_BATCHES = Int(ge=1, doc="gradient accumulation: the batch runs as this many micro-batches "
+                              "(it must divide the batch) and one update equals the whole "
+                              "batch's; 1 = off")
 TAU = Float(gt=0, doc="Bradley-Terry temperature of the testbed's preference labels")
 FLIP_RATE = Float(ge=0, le=1, doc="fraction of testbed labels flipped at random")
 # The preference stage's records, and pairs read as unpaired rows (for KTO; docs/data.md).

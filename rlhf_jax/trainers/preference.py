@@ -61,11 +61,11 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, evaluation, metrics as metrics_lib, registry, schema
+from rlhf_jax import checkpoint, evaluation, losses, metrics as metrics_lib, registry, schema
 from rlhf_jax import rewards as rewards_lib
 from rlhf_jax.data import batching
 from rlhf_jax.errors import ConfigError
-from rlhf_jax.trainers import common, fields
+from rlhf_jax.trainers import accumulate, common, fields
 
 STAGE = "dpo"
 
@@ -77,6 +77,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""            # the SFT stage directory; "" = workdir/sft
     c.pref_loss = "dpo(beta=0.2)"
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
+    # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
+    c.model = ml_collections.ConfigDict(dict(remat="none", logits_chunk=0, attention="einsum"))
     # Pairs: the testbed's Bradley-Terry-labelled pairs (tau = label noise temperature).
     # Testbed rows are at most 9 prompt + 24 completion tokens, so one bucket of 36 (as in the
     # SFT and reward stages) never truncates (docs/testbed.md). kind="unpaired" reads unpaired
@@ -90,6 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     # 0.1, comparable budgets reached KL 4.9-13 for gains of -0.08 to 0.69 std.
     c.optim = common.optim_config(lr=5e-4, warmup_steps=10, schedule="constant")
     c.steps = 80
+    c.micro_batches = 1         # gradient accumulation (trainers/accumulate.py); 1 = off
     c.log_every = 10
     c.save_every = 40
     c.keep = 2
@@ -210,12 +213,13 @@ def _optimizer(optim_items: tuple, steps: int):
 
 
 @functools.lru_cache(maxsize=16)
-def _compiled(graphdef, loss_fn, optimizer, use_ref: bool, loss_kind: str = "pref_loss"):
+def _compiled(graphdef, loss_fn, optimizer, use_ref: bool, loss_kind: str = "pref_loss",
+              micro_batches: int = 1):
     """(update, eval_terms, init_opt), jitted, for a loss registered under `loss_kind`."""
-    return PATHS[loss_kind].steps(graphdef, loss_fn, optimizer, use_ref)
+    return PATHS[loss_kind].steps(graphdef, loss_fn, optimizer, use_ref, micro_batches)
 
 
-def _pair_steps(graphdef, loss_fn, optimizer, use_ref: bool):
+def _pair_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: int = 1):
     """The steps of a pref_loss on the [2B, T] pair batch.
 
     update(params, opt_state, guard, ref_params, batch, step) -> (params, opt_state, guard,
@@ -248,10 +252,38 @@ def _pair_steps(graphdef, loss_fn, optimizer, use_ref: bool):
         # alone, which for a loss with a batch statistic is the statistic of that pair.
         return per_pair(loss_fn, **inputs(params, ref_inputs, batch))
 
+    def micro_grads(params, ref_params, batch):
+        """The whole batch's loss, metrics and gradient from micro-batches (accumulate.py):
+        each micro-batch's loss weighted by its share of the batch's weight, reference
+        log-probs per micro-batch, and a batch statistic computed once over the whole batch
+        (one extra forward pass without gradient) and passed to every micro-batch."""
+        rows = batch["valid"].shape[0]
+        micro = accumulate.split(batch, micro_batches, rows)
+        total = jnp.sum(jnp.where(batch["valid"] > 0, batch["valid"], 0).astype(jnp.float32))
+        stat = {}
+        if getattr(getattr(loss_fn, "func", loss_fn), "reference_point_fn", None) is not None:
+            per_micro = jax.lax.map(lambda mb: jax.lax.stop_gradient(inputs(
+                params, reference_inputs(ref_params, mb), mb)), micro)
+            whole = jax.tree.map(lambda x: x.reshape((rows,) + x.shape[2:]), per_micro)
+            stat = {"reference_point": losses.batch_reference_point(
+                loss_fn, **whole, weights=micro["valid"].reshape(rows))}
+
+        def share(params, mb):
+            loss, m = registry.call(loss_fn, **inputs(params, reference_inputs(ref_params, mb),
+                                                      mb), weights=mb["valid"], **stat)
+            w = accumulate.weight_share(mb["valid"], total)
+            return loss * w, jax.tree.map(lambda v: v * w, m)
+
+        return accumulate.grads(share, params, micro)
+
     def update(params, opt_state, guard, ref_params, batch, step):
-        # Reference log-probs once per batch, before and outside the gradient.
-        ref_inputs = reference_inputs(ref_params, batch)
-        (loss, m), grads = jax.value_and_grad(loss_on, has_aux=True)(params, ref_inputs, batch)
+        if micro_batches == 1:
+            # Reference log-probs once per batch, before and outside the gradient.
+            ref_inputs = reference_inputs(ref_params, batch)
+            (loss, m), grads = jax.value_and_grad(loss_on, has_aux=True)(params, ref_inputs,
+                                                                         batch)
+        else:
+            (loss, m), grads = micro_grads(params, ref_params, batch)
         params, opt_state, guard, grad_norm = common.guarded_apply(
             optimizer, params, opt_state, grads, loss, guard, step)
         return params, opt_state, guard, {**m, "pref/loss": loss, "pref/grad_norm": grad_norm}
@@ -275,7 +307,7 @@ def _logratio_means(logratio, desirable, valid):
     return out
 
 
-def _unpaired_steps(graphdef, loss_fn, optimizer, use_ref: bool):
+def _unpaired_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: int = 1):
     """The steps of an unpaired_loss on unpaired rows (batching kind "unpaired"), with the
     signatures of `_pair_steps`, except that eval_terms returns the loss's metrics on the
     whole batch (its z0 is a statistic of the batch: a row alone has none)."""
@@ -302,15 +334,46 @@ def _unpaired_steps(graphdef, loss_fn, optimizer, use_ref: bool):
                                 weights=batch["valid"], **consts)
         return loss, (m, policy)
 
+    def micro_grads(params, consts, batch):
+        """The whole batch's loss and gradient from micro-batches (accumulate.py): z0 from
+        the whole batch (its policy log-probs in one extra pass without gradient), each
+        micro-batch's loss weighted by its share of the batch's rows."""
+        rows = batch["valid"].shape[0]
+        keys = ("tokens", "mask", "loss_mask", "desirable", "valid")
+        stat = {}
+        if getattr(getattr(loss_fn, "func", loss_fn), "reference_point_fn", None) is not None:
+            policy = jax.lax.stop_gradient(row_logps(graphdef, params, batch["tokens"],
+                                                     batch["mask"], batch["loss_mask"]))
+            stat = {"reference_point": losses.batch_reference_point(
+                loss_fn, policy_logps=policy, desirable=batch["desirable"],
+                weights=batch["valid"], **consts)}
+        micro = accumulate.split({**{k: batch[k] for k in keys}, **consts}, micro_batches,
+                                 rows)
+        total = jnp.sum(jnp.where(batch["valid"] > 0, batch["valid"], 0).astype(jnp.float32))
+
+        def share(params, mb):
+            extra = {k: mb[k] for k in consts if k in mb}
+            loss, (m, policy) = loss_on(params, {**extra, **stat}, mb)
+            w = accumulate.weight_share(mb["valid"], total)
+            if use_ref:
+                m = {**m, **_logratio_means(policy - mb["ref_logps"], mb["desirable"],
+                                            mb["valid"])}
+            return loss * w, jax.tree.map(lambda v: v * w, m)
+
+        return accumulate.grads(share, params, micro)
+
     def update(params, opt_state, guard, ref_params, batch, step):
         consts = constants(params, ref_params, batch)
-        (loss, (m, policy)), grads = jax.value_and_grad(loss_on, has_aux=True)(
-            params, consts, batch)
+        if micro_batches > 1:
+            (loss, m), grads = micro_grads(params, consts, batch)
+        else:
+            (loss, (m, policy)), grads = jax.value_and_grad(loss_on, has_aux=True)(
+                params, consts, batch)
+            if use_ref:
+                m = {**m, **_logratio_means(policy - consts["ref_logps"], batch["desirable"],
+                                            batch["valid"])}
         params, opt_state, guard, grad_norm = common.guarded_apply(
             optimizer, params, opt_state, grads, loss, guard, step)
-        if use_ref:
-            m = {**m, **_logratio_means(policy - consts["ref_logps"], batch["desirable"],
-                                        batch["valid"])}
         return params, opt_state, guard, {**m, "pref/loss": loss, "pref/grad_norm": grad_norm}
 
     def eval_terms(params, ref_params, batch):
@@ -332,11 +395,13 @@ SCHEMA = {
     "pref_loss": _LossField("spec", registry_kind="pref_loss",
                             doc="the loss; its registry kind says which rows it trains on"),
     "mesh": fields.MESH,
+    "model": fields.RUNTIME_MODEL,
     "data": fields.data(kind=fields.PREF_DATA_KIND, split_pairs=fields.SPLIT_PAIRS,
                         tau=fields.TAU, flip_rate=fields.FLIP_RATE,
                         batch_size=fields.BATCH_SIZE),
     "optim": fields.OPTIM,
     **fields.loop(),
+    "micro_batches": fields.MICRO_BATCHES,
     "eval_batches": schema.Int(ge=0, doc="held-out pair (or row) batches for the preference "
                                          "eval; 0 = skip"),
     "gen": {
@@ -355,6 +420,10 @@ def validate(config):
     schema.check(config, SCHEMA)
     common.check_data(config.data, batch_size=config.data.batch_size)
     check_rows(config)
+    common.check_micro_batches(config, config.data.batch_size, "data.batch_size")
+    common.require(config.micro_batches == 1 or losses.splits(resolve_loss(config.pref_loss)[1]),
+                   f"pref_loss={config.pref_loss!r} pairs rows across the whole batch, so "
+                   "micro-batches do not add up to it; set micro_batches=1")
 
 
 # How to get the rows a loss trains on, for the one-line error when the data gives the others.
@@ -402,7 +471,7 @@ def train(config, workdir) -> Path:
 
     # --- model: policy and frozen reference from the SFT stage -------------------------------
     graphdef, params, model_cfg, tok, init_meta = common.load_stage(
-        init_from, mesh=mesh, rules=rules, seed=config.seed)
+        init_from, mesh=mesh, rules=rules, seed=config.seed, runtime=common.runtime(config))
     gold = common.gold(config.data, tok)   # the data's gold reward: the generation eval
     sources = {"init_from": init_meta["source"]}   # the reference: a resumption must match it
     common.require(max(config.data.buckets) <= model_cfg.max_len,
@@ -436,7 +505,8 @@ def train(config, workdir) -> Path:
 
     # --- update step ------------------------------------------------------------------------
     optimizer = _optimizer(tuple(sorted(config.optim.items())), config.steps)
-    update, eval_terms, init_opt = _compiled(graphdef, loss_fn, optimizer, use_ref, loss_kind)
+    update, eval_terms, init_opt = _compiled(graphdef, loss_fn, optimizer, use_ref, loss_kind,
+                                             config.micro_batches)
     opt_state = init_opt(params)
     held_ref = ref_params if use_ref else None  # reference-free: never passed to the step
 
@@ -605,7 +675,8 @@ def _unpaired_eval(eval_terms, params, ref_params, test_it, max_batches, mesh, r
 
 @dataclasses.dataclass(frozen=True)
 class _Path:
-    steps: Callable          # (graphdef, loss_fn, optimizer, use_ref) -> (update, eval_terms, init)
+    steps: Callable          # (graphdef, loss_fn, optimizer, use_ref, micro_batches)
+                             #   -> (update, eval_terms, init)
     evaluate: Callable       # the test eval over eval_terms
     gold: bool               # the test eval compares with the records' gold rewards
     shuffle_test: bool       # test rows are shuffled (seeded) before the first eval_batches

@@ -54,7 +54,7 @@ from flax import nnx
 from rlhf_jax import checkpoint, hf, metrics as metrics_lib, model, registry, schema
 from rlhf_jax import rewards as rewards_lib, rollout
 from rlhf_jax.data import batching, records
-from rlhf_jax.trainers import common, fields
+from rlhf_jax.trainers import accumulate, common, fields
 
 STAGE = "rm"
 
@@ -65,6 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""            # the SFT stage directory; "" = WORKDIR/sft
     c.loss = "bradley_terry"    # a reward_loss registry spec, e.g. "bradley_terry(margin=0.5)"
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
+    # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
+    c.model = ml_collections.ConfigDict(dict(remat="none", logits_chunk=0, attention="einsum"))
     # Preference pairs. n_train / n_test / seed / tau / flip_rate size and label the synthetic
     # testbed's pairs; with source="tfds", `name` is the prepared pairs dataset.
     c.data = ml_collections.ConfigDict(dict(
@@ -76,6 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.optim = common.optim_config(lr=1e-3, warmup_steps=10, weight_decay=0.0, end_lr_frac=0.0)
     c.epochs = 1                # passes over the training pairs when steps == 0
     c.steps = 0                 # 0: epochs * data.n_train // data.batch_size
+    c.micro_batches = 1         # gradient accumulation (trainers/accumulate.py); 1 = off
     # Normalisation samples: completions of training prompts sampled from the SFT policy.
     # prompts_name is the prepared prompts dataset when data.source="tfds".
     c.norm = ml_collections.ConfigDict(dict(
@@ -93,11 +96,13 @@ SCHEMA = {
     "init_from": schema.Str(doc="the SFT stage directory; '' = WORKDIR/sft"),
     "loss": schema.Spec("reward_loss"),
     "mesh": fields.MESH,
+    "model": fields.RUNTIME_MODEL,
     "data": fields.data(tau=fields.TAU, flip_rate=fields.FLIP_RATE,
                         batch_size=fields.BATCH_SIZE),
     "optim": fields.OPTIM,
     "epochs": schema.Int(ge=0, doc="passes over the training pairs when steps=0"),
     **fields.loop(steps_min=0),
+    "micro_batches": fields.MICRO_BATCHES,
     "norm": {
         "n_samples": schema.Int(ge=2, doc="SFT samples the reward is normalised on"),
         "batch_size": schema.Int(ge=1),
@@ -117,6 +122,7 @@ def validate(config):
     """The checks that need no files or devices (the pipeline runs them all before training)."""
     schema.check(config, SCHEMA)
     common.check_data(config.data, batch_size=config.data.batch_size)
+    common.check_micro_batches(config, config.data.batch_size, "data.batch_size")
     source = common.source(config.data)
     common.require(source.generated or bool(config.norm.prompts_name),
                    "norm.prompts_name must name the prepared prompts dataset when "
@@ -250,7 +256,8 @@ def train(config, workdir) -> Path:
 
     # --- model: SFT backbone + fresh scalar head ----------------------------------------------
     graphdef, params, model_cfg, tok, init_meta = common.load_stage(
-        init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed, new_head=True)
+        init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed, new_head=True,
+        runtime=common.runtime(config))
     sources = {"init_from": init_meta["source"]}   # a resumption must start from the same SFT
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
@@ -286,8 +293,18 @@ def train(config, workdir) -> Path:
         return registry.call(loss_spec, chosen_rewards=rewards_bk[:, 0],
                              rejected_rewards=rewards_bk[:, 1], rewards=rewards_bk)
 
+    k = config.micro_batches
+
     def update(params, opt_state, guard, batch, step):
-        (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        if k == 1:
+            (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
+        else:
+            # Reward losses are plain means over a batch's (always full) lists, so each of k
+            # equal micro-batches contributes 1/k of the loss and metrics (accumulate.py).
+            used = {key: batch[key] for key in ("tokens", "mask", "valid")}
+            (loss, m), grads = accumulate.grads(
+                lambda p, mb: jax.tree.map(lambda v: v / k, loss_fn(p, mb)), params,
+                accumulate.split(used, k, batch["valid"].shape[0]))
         params, opt_state, guard, grad_norm = common.guarded_apply(
             optimizer, params, opt_state, grads, loss, guard, step)
         return params, opt_state, guard, {**m, "rm/total_loss": loss, "rm/grad_norm": grad_norm}
@@ -342,7 +359,8 @@ def train(config, workdir) -> Path:
     policy_from = config.norm.policy_from or init_from
     policy_graphdef, policy_params, _, policy_tok, _ = common.load_stage(
         policy_from, kind="policy", mesh=mesh, rules=rules, seed=config.seed,
-        key="norm.policy_from" if config.norm.policy_from else "init_from")
+        key="norm.policy_from" if config.norm.policy_from else "init_from",
+        runtime=common.runtime(config))
     common.require(policy_tok.same_ids(tok),
                    f"norm.policy_from={str(policy_from)!r} uses another tokenizer than the "
                    "reward model; the normalisation scores the policy's tokens directly")

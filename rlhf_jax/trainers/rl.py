@@ -35,9 +35,9 @@ from rlhf_jax import advantages as adv_lib
 from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry, sampling
 from rlhf_jax import rewards as rewards_lib, rollout as rollout_lib, schema
 from rlhf_jax import metrics as metrics_lib
-from rlhf_jax.aggregation import aggregate
+from rlhf_jax.aggregation import aggregate, denominator
 from rlhf_jax.data import batching
-from rlhf_jax.trainers import common, fields
+from rlhf_jax.trainers import accumulate, common, fields
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -48,6 +48,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward_from = ""           # the reward-model stage directory ("" = WORKDIR/rm)
     c.reward = "model"           # "model" (r_phi) or "gold" (the testbed's r*: PPO-GT)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
+    # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
+    c.model = ml_collections.ConfigDict(dict(remat="none", logits_chunk=0, attention="einsum"))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", n_train=4_000, n_test=500, seed=0,
         buckets=(12,), max_prompt_len=11))
@@ -71,6 +73,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.online_pref_loss = ""      # a pref_loss (e.g. "dpo(beta=0.1)"): online DPO; "" = off
     c.optim = common.optim_config(lr=3e-4, warmup_steps=5, schedule="constant")
     c.steps = 20
+    c.micro_batches = 1          # per PPO minibatch (trainers/accumulate.py); 1 = off
     c.log_every = 5
     c.save_every = 20
     c.eval_every = 5
@@ -91,6 +94,7 @@ SCHEMA = {
                                          "0.1*length_penalty(target=20)' (docs/"
                                          "implementation_details.md)"),
     "mesh": fields.MESH,
+    "model": fields.RUNTIME_MODEL,
     "data": fields.data(),
     "rollout": {
         "prompts_per_step": schema.Int(ge=1, doc="prompts sampled per iteration"),
@@ -135,6 +139,7 @@ SCHEMA = {
             "reward, in place of the policy loss; '' = off"),
     "optim": fields.OPTIM,
     **fields.loop(eval_every=True),
+    "micro_batches": fields.MICRO_BATCHES,
     "eval_prompts": schema.Int(ge=1, doc="held-out prompts per evaluation (<= 256 or a "
                                          "multiple of 256)"),
 }
@@ -168,6 +173,11 @@ def validate(config) -> int:
     common.require(n % config.ppo.minibatches == 0,
                    f"rollout size {n} (prompts_per_step x samples_per_prompt) is not divisible "
                    f"by ppo.minibatches={config.ppo.minibatches}")
+    common.check_micro_batches(config, n // config.ppo.minibatches,
+                               "the PPO minibatch (rollout size / ppo.minibatches)")
+    common.require(config.micro_batches == 1 or not config.online_pref_loss,
+                   "online_pref_loss pairs samples within each prompt's group across the "
+                   "minibatch; set micro_batches=1")
     group_based = registry.accepts(registry.get("advantage", config.advantage), "group_size")
     common.require(not group_based or r.samples_per_prompt >= 2,
                    f"advantage {config.advantage!r} compares samples of the same prompt: set "
@@ -278,8 +288,9 @@ def train(config, workdir) -> Path:
     # --- mesh, models -----------------------------------------------------------------------
     mesh, rules = common.setup_mesh(config, n_rollout, n_rollout // config.ppo.minibatches)
     sft_dir = config.init_from or str(workdir / "sft")
-    graphdef, ref_params, model_cfg, tok, sft_meta = common.load_stage(sft_dir, mesh=mesh,
-                                                                       rules=rules)
+    runtime = common.runtime(config)
+    graphdef, ref_params, model_cfg, tok, sft_meta = common.load_stage(
+        sft_dir, mesh=mesh, rules=rules, runtime=runtime)
     # The reference and the reward model: a resumption must start from the same checkpoints.
     sources = {"init_from": sft_meta["source"], "reward_from": None}
     policy_params = jax.tree.map(jnp.copy, ref_params)
@@ -294,7 +305,7 @@ def train(config, workdir) -> Path:
     if "model" in rewards_lib.names(config.reward):
         rm_dir = config.reward_from or str(workdir / "rm")
         reward = common.load_stage(rm_dir, kind="reward", mesh=mesh, rules=rules,
-                                   key="reward_from")
+                                   key="reward_from", runtime=runtime)
         sources["reward_from"] = reward[4]["source"]
         common.require(reward[3].same_ids(tok),
                        f"reward_from={rm_dir!r} uses another tokenizer than the policy "
@@ -310,7 +321,7 @@ def train(config, workdir) -> Path:
         else:
             value_graphdef, value_params = common.load_stage(
                 sft_dir, kind="value", mesh=mesh, rules=rules, seed=config.seed,
-                new_head=True)[:2]
+                new_head=True, runtime=runtime)[:2]
     else:
         value_graphdef, value_params = None, {}
     gold = common.gold(config.data, tok)
@@ -332,6 +343,10 @@ def train(config, workdir) -> Path:
     common.require(p_len + r.max_new_tokens <= model_cfg.max_len,
                    f"prompt bucket {p_len} + rollout.max_new_tokens {r.max_new_tokens} exceeds "
                    f"the model's max_len {model_cfg.max_len}")
+
+    # With micro-batches, the rollout is scored in chunks of the micro-batch size too.
+    score_chunks = config.ppo.minibatches * config.micro_batches if config.micro_batches > 1 \
+        else 1
 
     # --- data ----------------------------------------------------------------------------------
     prompt_it = batching.make_iterator(
@@ -406,16 +421,16 @@ def train(config, workdir) -> Path:
             weights=(jnp.max(scores, axis=1) > jnp.min(scores, axis=1)).astype(jnp.float32))
 
     def loss_fn(params, mb, kl_coef):
-        logits, _ = model.apply(graphdef, params["policy"], mb["seq"], mask_bt=mb["seq_mask"])
-        logits = logits[:, p_len - 1:-1]
         m = mb["completion_mask"]
-        logps = model.token_logprobs(logits, mb["completion"], m, temperature=r.temperature)
+        logps, entropy = model.target_logprobs(
+            graphdef, params["policy"], mb["seq"], mb["completion"], m, mask_bt=mb["seq_mask"],
+            temperature=r.temperature, with_entropy=online_fn is None)
         if online_fn is not None:
             loss, metrics = online_pref_loss(logps, mb)
             return loss, {**metrics, "train/loss": loss}
         loss, metrics = registry.call(policy_loss_fn, logps=logps, old_logps=mb["logps"],
                                       advantages=mb["advantages"], mask=m, agg=config.loss_agg)
-        ent = aggregate(model.entropy(logits, m, temperature=r.temperature), m, config.loss_agg)
+        ent = aggregate(entropy, m, config.loss_agg)
         metrics["policy/entropy"] = ent
         loss = loss - config.entropy_coef * ent
         if not config.kl.in_reward:
@@ -436,6 +451,23 @@ def train(config, workdir) -> Path:
         metrics["train/loss"] = loss
         return loss, metrics
 
+    def micro_grads(params, mb, kl_coef):
+        """A minibatch's loss, metrics and gradient from micro-batches (accumulate.py). Every
+        term of the loss aggregates the same mask the same way (config.loss_agg), so a
+        micro-batch's loss times (its denominator / the minibatch's) is its share; metrics are
+        weighted the same way (a max, such as ppo/ratio_max, becomes a weighted mean)."""
+        den = denominator(mb["completion_mask"], config.loss_agg)
+
+        def share(params, micro, kl_coef):
+            loss, m = loss_fn(params, micro, kl_coef)
+            own = denominator(micro["completion_mask"], config.loss_agg)
+            w = jnp.where(den > 0, own / jnp.where(den > 0, den, 1.0), 0.0)
+            return loss * w, jax.tree.map(lambda v: v * w, m)
+
+        rows = mb["completion_mask"].shape[0]
+        return accumulate.grads(share, params, accumulate.split(mb, config.micro_batches, rows),
+                                kl_coef)
+
     def update(params, opt_state, guard, batch, rng, kl_coef, step):
         e, k = config.ppo.epochs, config.ppo.minibatches
         perms = jax.vmap(lambda key: jax.random.permutation(key, n_rollout))(
@@ -447,7 +479,11 @@ def train(config, workdir) -> Path:
         def one(carry, idx):
             params, opt_state, guard = carry
             mb = jax.tree.map(lambda x: x[idx], batch)
-            (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb, kl_coef)
+            if config.micro_batches == 1:
+                (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb,
+                                                                             kl_coef)
+            else:
+                (loss, m), grads = micro_grads(params, mb, kl_coef)
             params, opt_state, guard, grad_norm = common.guarded_apply(
                 optimizer, params, opt_state, grads, loss, guard, step)
             return (params, opt_state, guard), {**m, "train/grad_norm": grad_norm}
@@ -528,7 +564,8 @@ def train(config, workdir) -> Path:
                 max_new_tokens=r.max_new_tokens, temperature=r.temperature,
                 stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok, recompute=True,
                 value_graphdef=value_graphdef if uses_critic else None,
-                reward_graphdef=None if reward is None else reward[0], fields=fields)
+                reward_graphdef=None if reward is None else reward[0], fields=fields,
+                chunks=score_chunks)
 
         def greedy_rollout(batch, key):
             """Each prompt's greedy completion, scored like the samples (ReMax's baseline)."""

@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import ml_collections
 
 from rlhf_jax import checkpoint, metrics as metrics_lib, schema
-from rlhf_jax.aggregation import aggregate
+from rlhf_jax.aggregation import aggregate, denominator
 from rlhf_jax.data import batching
 from rlhf_jax.data import tokenizer as tokenizer_lib, tokenizer_files
-from rlhf_jax.trainers import common, fields
+from rlhf_jax.trainers import accumulate, common, fields
 
 STAGE = "sft"
 
@@ -29,13 +29,15 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_len=48,
         norm="rmsnorm", position="rope", activation="swiglu", tie_embeddings=True,
-        use_bias=False, param_dtype="float32", dtype="float32"))
+        use_bias=False, param_dtype="float32", dtype="float32",
+        remat="none", logits_chunk=0, attention="einsum"))    # the last three: how to compute
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", tokenizer="", n_train=20_000,
         n_test=1_000, seed=0, buckets=(36,), max_prompt_len=12, batch_size=64))
     c.optim = common.optim_config(lr=3e-3, warmup_steps=30)
     c.steps = 600
+    c.micro_batches = 1         # gradient accumulation (trainers/accumulate.py); 1 = off
     c.log_every = 20
     c.save_every = 200
     c.keep = 2
@@ -53,6 +55,7 @@ SCHEMA = {
         batch_size=fields.BATCH_SIZE),
     "optim": fields.OPTIM,
     **fields.loop(),
+    "micro_batches": fields.MICRO_BATCHES,
     "eval_batches": schema.Int(ge=0, doc="held-out batches for eval/sft_loss; 0 = skip"),
 }
 
@@ -62,6 +65,7 @@ def validate(config):
     schema.check(config, SCHEMA)
     common.model_config(config)      # the architecture's own checks (heads divide d_model...)
     common.check_data(config.data, batch_size=config.data.batch_size)
+    common.check_micro_batches(config, config.data.batch_size, "data.batch_size")
     common.require(not (config.init_from and config.data.tokenizer),
                    "data.tokenizer is not used with init_from (the checkpoint carries its "
                    "tokenizer); leave one of them empty")
@@ -102,7 +106,8 @@ def train(config, workdir) -> Path:
     sources = {"init_from": None}   # what the run starts from; a resumption must match it
     if config.init_from:
         graphdef, params, model_cfg, tok, init_meta = common.load_stage(
-            config.init_from, mesh=mesh, rules=rules, seed=config.seed)
+            config.init_from, mesh=mesh, rules=rules, seed=config.seed,
+            runtime=common.runtime(config))
         sources["init_from"] = init_meta["source"]
     else:
         tok = load_tokenizer(config, workdir)
@@ -127,14 +132,24 @@ def train(config, workdir) -> Path:
     optimizer = common.make_optimizer(config.optim, config.steps)
     opt_state = jax.jit(optimizer.init)(params)
 
-    def loss_fn(params, batch):
+    def loss_fn(params, batch, normalizer=None):
         logps, _ = common.sequence_logps(graphdef, params, batch["tokens"], batch["mask"],
                                          batch["loss_mask"])
-        loss = aggregate(-logps, batch["loss_mask"][:, 1:], "token_mean")
-        return loss
+        return aggregate(-logps, batch["loss_mask"][:, 1:], "token_mean",
+                         normalizer=normalizer)
+
+    k = config.micro_batches
 
     def update(params, opt_state, guard, batch, step):
-        loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        if k == 1:
+            loss, grads = jax.value_and_grad(loss_fn)(params, batch)
+        else:
+            # Each micro-batch's token sum over the whole batch's token count (accumulate.py).
+            used = {key: batch[key] for key in ("tokens", "mask", "loss_mask")}
+            den = denominator(batch["loss_mask"][:, 1:], "token_mean")
+            (loss, _), grads = accumulate.grads(
+                lambda p, mb, d: (loss_fn(p, mb, d), {}), params,
+                accumulate.split(used, k, config.data.batch_size), den)
         params, opt_state, guard, grad_norm = common.guarded_apply(
             optimizer, params, opt_state, grads, loss, guard, step)
         return params, opt_state, guard, {"sft/loss": loss, "sft/grad_norm": grad_norm}
