@@ -292,7 +292,7 @@ def _pair_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: int 
         return pair_terms(params, reference_inputs(ref_params, batch), batch)
 
     return (jax.jit(update, donate_argnums=(0, 1)), jax.jit(eval_terms),
-            jax.jit(optimizer.init))
+            optimizer.init)
 
 
 def _logratio_means(logratio, desirable, valid):
@@ -380,7 +380,7 @@ def _unpaired_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: 
         return loss_on(params, constants(params, ref_params, batch), batch)[1][0]
 
     return (jax.jit(update, donate_argnums=(0, 1)), jax.jit(eval_terms),
-            jax.jit(optimizer.init))
+            optimizer.init)
 
 
 # ---------------------------------------------------------------------------------------------

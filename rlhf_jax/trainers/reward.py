@@ -279,7 +279,7 @@ def train(config, workdir) -> Path:
     # --- update step --------------------------------------------------------------------------
     loss_spec = registry.get("reward_loss", config.loss)
     optimizer = common.make_optimizer(config.optim, steps)
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
     def score(params, tokens, mask):
         return model.apply_reward(graphdef, params, tokens, mask_bt=mask)

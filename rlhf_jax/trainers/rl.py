@@ -33,7 +33,7 @@ import numpy as np
 
 from rlhf_jax import advantages as adv_lib
 from rlhf_jax import checkpoint, evaluation, kl as kl_lib, losses, model, registry, sampling
-from rlhf_jax import rewards as rewards_lib, rollout as rollout_lib, schema
+from rlhf_jax import rewards as rewards_lib, rollout as rollout_lib, schema, sharding
 from rlhf_jax import metrics as metrics_lib
 from rlhf_jax.aggregation import aggregate, denominator
 from rlhf_jax.data import batching
@@ -397,7 +397,7 @@ def train(config, workdir) -> Path:
     optimizer = common.make_optimizer(config.optim, config.steps * config.ppo.epochs
                                       * config.ppo.minibatches)
     params = {"policy": policy_params, "value": value_params}
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
     def online_pref_loss(logps, mb):
         """Online DPO (Guo et al. 2024): each prompt's best and worst sample by score form a
@@ -478,7 +478,10 @@ def train(config, workdir) -> Path:
 
         def one(carry, idx):
             params, opt_state, guard = carry
+            # The gathered minibatch is split over the batch axes like the rollout; unplaced,
+            # every device would gather and compute all of it.
             mb = jax.tree.map(lambda x: x[idx], batch)
+            mb = jax.lax.with_sharding_constraint(mb, sharding.batch_shardings(mb, mesh, rules))
             if config.micro_batches == 1:
                 (loss, m), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, mb,
                                                                              kl_coef)
@@ -494,7 +497,10 @@ def train(config, workdir) -> Path:
     update = jax.jit(update, donate_argnums=(0, 1))
 
     # --- checkpoint: resume ------------------------------------------------------------------------
-    rng = jax.random.key(config.seed)
+    # Replicated on the mesh, so that a key restored onto it is too (a key on one device
+    # would not combine with the mesh in the first rollout after a resume).
+    rng = jax.device_put(jax.random.key(config.seed),
+                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
     kl_state = kl_lib.init_controller(config.kl.coef)
     guard = common.init_guard()
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
@@ -533,7 +539,8 @@ def train(config, workdir) -> Path:
             place=lambda b: common.place_batch(b, mesh, rules))
 
     # --- loop -----------------------------------------------------------------------------------
-    params, opt_state, guard, kl_state = common.on_mesh((params, opt_state, guard, kl_state),
+    params, opt_state, guard, kl_state, rng = common.on_mesh(
+        (params, opt_state, guard, kl_state, rng),
                                                         mesh)
     writer = metrics_lib.MetricsWriter(stage_dir)
     values = None

@@ -130,7 +130,7 @@ def train(config, workdir) -> Path:
 
     # --- model, optimizer, update step ------------------------------------------------------
     optimizer = common.make_optimizer(config.optim, config.steps)
-    opt_state = jax.jit(optimizer.init)(params)
+    opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
     def loss_fn(params, batch, normalizer=None):
         logps, _ = common.sequence_logps(graphdef, params, batch["tokens"], batch["mask"],
