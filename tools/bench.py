@@ -403,17 +403,23 @@ def _si(x: float, unit: str) -> str:
     return f"{x:.2f} {unit}"
 
 
+def config_overrides(items, like: M.ModelConfig) -> dict:
+    """--set FIELD=VALUE items -> {field: value} typed like the ModelConfig `like`'s fields."""
+    overrides = {}
+    for item in items:
+        key, _, text = item.partition("=")
+        if not hasattr(like, key) or not text:
+            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a ModelConfig field")
+        current = getattr(like, key)
+        overrides[key] = (text.lower() in ("1", "true", "yes") if isinstance(current, bool)
+                          else type(current)(text))
+    return overrides
+
+
 def device_mode(args) -> list[dict]:
     """Runs and prints the device benchmark (see the module docstring); returns one dict per
     size with its measurements and the ratios (mfu, dpo_mfu, decode_bw) where measured."""
-    overrides = {}
-    for item in args.set:
-        key, _, text = item.partition("=")
-        if not hasattr(DEVICE_SIZES["tiny"], key) or not text:
-            raise SystemExit(f"--set {item!r}: expected FIELD=VALUE with a ModelConfig field")
-        current = getattr(DEVICE_SIZES["tiny"], key)
-        overrides[key] = (text.lower() in ("1", "true", "yes") if isinstance(current, bool)
-                          else type(current)(text))
+    overrides = config_overrides(args.set, DEVICE_SIZES["tiny"])
     sizes = [s for s in args.sizes.split(",") if s]
     unknown = [s for s in sizes if s not in DEVICE_SIZES]
     if unknown:
