@@ -227,6 +227,13 @@ def _with_reference_point(statistic):
     return declare
 
 
+def has_batch_statistic(loss_fn) -> bool:
+    """Whether `loss_fn` (a registered loss or its partial) takes a batch statistic as
+    `reference_point` (`_with_reference_point`): a trainer splitting a batch must then compute
+    it once over the whole batch with `batch_reference_point`."""
+    return getattr(getattr(loss_fn, "func", loss_fn), "reference_point_fn", None) is not None
+
+
 def batch_reference_point(loss_fn, **inputs):
     """The batch statistic `loss_fn` takes as `reference_point`, computed over `inputs` (the
     whole batch, [B] each, with its `weights`), or None for a loss that has none.
@@ -235,10 +242,9 @@ def batch_reference_point(loss_fn, **inputs):
     there (e.g. beta) apply to the statistic too. Pass the result as reference_point= to the
     loss of every micro-batch: their weighted combination is then the whole batch's loss.
     """
-    fn = getattr(loss_fn, "func", loss_fn)
-    statistic = getattr(fn, "reference_point_fn", None)
-    if statistic is None:
+    if not has_batch_statistic(loss_fn):
         return None
+    statistic = getattr(loss_fn, "func", loss_fn).reference_point_fn
     bound = getattr(loss_fn, "keywords", None) or {}
     params = inspect.signature(statistic).parameters
     return registry.call(functools.partial(statistic, **{k: v for k, v in bound.items()

@@ -261,7 +261,7 @@ def _pair_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: int 
         micro = accumulate.split(batch, micro_batches, rows)
         total = jnp.sum(jnp.where(batch["valid"] > 0, batch["valid"], 0).astype(jnp.float32))
         stat = {}
-        if getattr(getattr(loss_fn, "func", loss_fn), "reference_point_fn", None) is not None:
+        if losses.has_batch_statistic(loss_fn):
             per_micro = jax.lax.map(lambda mb: jax.lax.stop_gradient(inputs(
                 params, reference_inputs(ref_params, mb), mb)), micro)
             whole = jax.tree.map(lambda x: x.reshape((rows,) + x.shape[2:]), per_micro)
@@ -341,7 +341,7 @@ def _unpaired_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: 
         rows = batch["valid"].shape[0]
         keys = ("tokens", "mask", "loss_mask", "desirable", "valid")
         stat = {}
-        if getattr(getattr(loss_fn, "func", loss_fn), "reference_point_fn", None) is not None:
+        if losses.has_batch_statistic(loss_fn):
             policy = jax.lax.stop_gradient(row_logps(graphdef, params, batch["tokens"],
                                                      batch["mask"], batch["loss_mask"]))
             stat = {"reference_point": losses.batch_reference_point(
