@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from rlhf_jax import sharding
 from rlhf_jax.aggregation import last_token_index
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import token_entropy
@@ -557,6 +558,10 @@ def default_positions(mask_bt):
     return jnp.maximum(jnp.cumsum(mask_bt.astype(jnp.int32), axis=-1) - 1, 0)
 
 
+# Logical axes of the residual stream [B, T, D] between blocks: the batch split like the data.
+ACTIVATION_AXES = ("batch", None, None)
+
+
 # ----------------------------------------------------------------------------------------------
 # Models
 # ----------------------------------------------------------------------------------------------
@@ -630,6 +635,10 @@ class Transformer(nnx.Module):
             x = x * jnp.asarray(math.sqrt(self.cfg.d_model), x.dtype)
         if self.pos_embed is not None:
             x = x + self.pos_embed(positions_bt)
+        # The residual stream stays split over the batch axes between blocks on a mesh
+        # (sharding.activate); otherwise XLA follows the fsdp-sharded weights, gathers the
+        # batch over fsdp and all-reduces the MLP activations. A no-op on one device.
+        x = sharding.constrain(x, ACTIVATION_AXES)
         new_cache = []
         remat = cache is None and self.cfg.remat != "none"    # training: nothing to decode
         for i, layer in enumerate(self.layers()):
@@ -639,6 +648,7 @@ class Transformer(nnx.Module):
             else:
                 x, c = layer(x, positions_bt, allowed, None if cache is None else cache[i],
                              cache_index)
+            x = sharding.constrain(x, ACTIVATION_AXES)
             new_cache.append(c)
         x = self.final_norm(x)
         return (x, None) if cache is None else (x, new_cache)

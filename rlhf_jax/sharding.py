@@ -15,6 +15,8 @@ Typical use:
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import math
 import os
@@ -189,6 +191,70 @@ def init_sharded(make_model: Callable[[], nnx.Module], *, mesh: Mesh,
 
     init = jax.jit(lambda: nnx.split(make_model())[1], out_shardings=shardings)
     return graphdef, init()
+
+
+# ----------------------------------------------------------------------------------------------
+# Inside jitted steps: the mesh a stage runs on
+# ----------------------------------------------------------------------------------------------
+
+# (mesh, rules) of the stage now running; model code reads it through `constrain`.
+_ACTIVE: contextvars.ContextVar = contextvars.ContextVar("rlhf_jax_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activate(mesh: Mesh, rules: Mapping[str, Any] | None = None):
+    """Within the block, `constrain` and `constrain_state` pin arrays in jitted code to
+    `mesh` by logical names (a no-op on one device, or outside any block).
+
+    The mesh also becomes JAX's abstract mesh, which is part of jit's trace context, so a
+    function traced under one mesh is traced again under another (never a stale layout).
+    """
+    token = _ACTIVE.set((mesh, DEFAULT_RULES if rules is None else dict(rules)))
+    try:
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def active_mesh():
+    """(mesh, rules) set by `activate`, or None."""
+    return _ACTIVE.get()
+
+
+def constrain(x, logical_axes):
+    """`x` laid out by its logical axis names on the active mesh (`activate`); unchanged on
+    one device or with no active mesh. E.g. constrain(h, ("batch", None, None)) keeps
+    activations [B, T, D] split over the batch axes, where XLA would otherwise follow the
+    fsdp-sharded weights and all-gather the batch."""
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(logical_axes, x.shape, mesh, rules)
+    return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_state(tree):
+    """Every array of a parameter or optimizer-state tree pinned to its declared layout on the
+    active mesh: an nnx.Variable by its `logical_axes` (as `param_specs`), anything else (step
+    counts, scalars) replicated. An update step's outputs so keep the layout its inputs came
+    in, and the next step does not compile again."""
+    active = _ACTIVE.get()
+    if active is None or active[0].size == 1:
+        return tree
+    mesh, rules = active
+
+    def one(v):
+        if isinstance(v, nnx.Variable):
+            axes = v.get_metadata().get("logical_axes")
+            spec = logical_to_spec(axes, v.shape, mesh, rules)
+            return v.replace(jax.lax.with_sharding_constraint(v[...], spec))
+        if isinstance(v, jax.Array) or hasattr(v, "shape"):
+            return jax.lax.with_sharding_constraint(v, PartitionSpec())
+        return v
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 # ----------------------------------------------------------------------------------------------

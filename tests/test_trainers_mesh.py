@@ -19,8 +19,7 @@ mesh:
 The runs are three subprocesses (XLA_FLAGS must set the device count before JAX starts): the
 single-device reference in a process of its own, and two with 8 devices, all at once (the
 larger takes ~75 s of CPU, the other two ~75 s together). Compilation is most of it: ~150 s of
-CPU in all (measured 2026-11-30), so ~80 s on two idle cores. The fixes of the known bugs
-below remove recompilations and make it shorter.
+CPU in all (measured 2026-11-30), so ~80 s on two idle cores.
 """
 
 import importlib.util
@@ -87,40 +86,26 @@ RM_HEAD_BIAS = "['head']['bias'].value"
 # (2,4,1), 0.185 for SFT and DPO on (1,4,2), where the 281-token vocabulary does not split
 # over tensor=2 and both devices of a tensor pair compute the logits.
 MAX_FLOPS_SHARE = 0.2
-# Temporaries (activations, gradients) per device against one device: measured 0.15-0.17 for
-# SFT, RM and DPO on (8,1,1) (ideal 1/8 plus replicated gradient buffers of the tiny model).
+# Temporaries (activations, gradients) per device against one device, measured 2026-11-30:
+# 0.145-0.178 on (8,1,1) and (2,4,1) for every stage (ideal 1/8 plus replicated gradient
+# buffers of the tiny model). On (1,4,2) the batch is split only 4 ways: the residual stream
+# and the logits (the 281-token vocabulary does not split over tensor=2) are [B/4, ...] on
+# both devices of a tensor pair, and only the heads and the MLP width split further, so the
+# bound there is 1.25/4; measured 0.16-0.26 (DPO, with the reference's logits, highest).
 MAX_TEMP_SHARE = 0.25
 
 
-# --- known bugs (see each reason) -------------------------------------------------------------
+def max_temp_share(mesh: str) -> float:
+    data, fsdp, _ = (int(n) for n in mesh.split(","))
+    return max(MAX_TEMP_SHARE, 1.25 / (data * fsdp))
 
-def _known(bug, stages=STAGES, meshes=MESHES):
-    return {(s, m): bug for s in stages for m in meshes}
 
+# --- known bugs: {(stage, mesh): reason}, each a strict xfail (none known today) ------------
 
-REWARD_SCORES_NOT_SPLIT = (
-    "the reward model's scores [B] leave model.apply_reward split over data only on (2,4,1) "
-    "(P('data')) and replicated on (1,4,2) (P()): XLA lays the reward model's activations out "
-    "along embed like the fsdp-sharded weights and all-gathers the batch over fsdp (the RM "
-    "stage's score jit; the rollout scorer's reward/model, which make_targets takes)")
-STATE_SHARDING = (
-    "the update, jitted without out_shardings, returns Adam's moments and the norm scales "
-    "(declared replicated) in layouts XLA picks (P(None, 'fsdp'), P('fsdp')), so the second "
-    "step compiles the update again (for PPO and GRPO also the sampler and the rollout "
-    "scorer, which take the policy)")
-ACTIVATIONS_OVER_FSDP = (
-    "no activation sharding constraints: on a mesh with fsdp > 1 XLA lays the activations out "
-    "along embed like the fsdp-sharded weights, all-gathers the batch over fsdp and "
-    "all-reduces [B/data, T, d_ff] MLP activations, so one device holds 0.34-0.92 of one "
-    "device's temporaries instead of ~1/8")
-
-KNOWN_BATCH_SPLIT = _known(REWARD_SCORES_NOT_SPLIT, ("rm", "ppo", "grpo"), ("2,4,1", "1,4,2"))
-# Measured: with the optimizer state created eagerly (sharded like the parameters), SFT and DPO
-# keep their layouts on (2,4,1); the rest still get XLA's choices back.
-KNOWN_STATE = {k: v for k, v in _known(STATE_SHARDING, meshes=("2,4,1", "1,4,2")).items()
-               if k not in {("sft", "2,4,1"), ("dpo", "2,4,1")}}
+KNOWN_BATCH_SPLIT: dict = {}
+KNOWN_STATE: dict = {}
 KNOWN_FLOPS: dict = {}
-KNOWN_TEMP = _known(ACTIVATIONS_OVER_FSDP, meshes=("2,4,1", "1,4,2"))
+KNOWN_TEMP: dict = {}
 KNOWN_RESUME: dict = {}
 
 
@@ -280,12 +265,13 @@ def test_update_step_splits_the_work(out, stage, mesh):
 
 @pytest.mark.parametrize("stage,mesh", _cases(KNOWN_TEMP))
 def test_update_step_splits_the_activations(out, stage, mesh):
-    """One device holds about 1/8 of the update's temporaries (activations and gradients)."""
+    """One device holds about 1/8 of the update's temporaries (activations and gradients);
+    on (1,4,2), whose batch splits 4 ways, at most ~1/4."""
     share = _update_cost(out, mesh, stage)["temp_bytes"] / \
         _update_cost(out, REF, stage)["temp_bytes"]
     print(f"\n{stage} on ({mesh}): update temporaries per device {share:.3f} of one device's")
-    assert share <= MAX_TEMP_SHARE, f"{stage} on ({mesh}): {share:.3f} of one device's " \
-                                    "temporary memory"
+    assert share <= max_temp_share(mesh), f"{stage} on ({mesh}): {share:.3f} of one " \
+                                          "device's temporary memory"
 
 
 def _update_cost(out, run, stage):

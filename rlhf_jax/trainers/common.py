@@ -5,7 +5,10 @@ A trainer (`sft.py`, `reward.py`, ...) stays a flat script that calls these in o
 here knows which stage it serves.
 """
 
+import contextlib
+import contextvars
 import dataclasses
+import functools
 import json
 import logging
 from pathlib import Path
@@ -48,7 +51,7 @@ def require(ok: bool, message: str):
 
 def optim_config(**overrides) -> ml_collections.ConfigDict:
     base = dict(lr=1e-3, warmup_steps=20, weight_decay=0.0, grad_clip=1.0, b1=0.9, b2=0.99,
-                schedule="cosine", end_lr_frac=0.1)
+                schedule="cosine", end_lr_frac=0.1, state_dtype="param")
     base.update(overrides)
     return ml_collections.ConfigDict(base)
 
@@ -68,12 +71,50 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(optim.grad_clip)] if optim.grad_clip else []
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                              weight_decay=optim.weight_decay))
-    return optax.chain(*parts)
+    chain = optax.chain(*parts)
+    return float32_state(chain) if optim.get("state_dtype", "param") == "float32" else chain
+
+
+def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` run in float32 whatever the parameters' dtype: its state (Adam's moments) is
+    float32, gradients and parameters are cast up before it reads them, and the float32
+    update it returns is added to the parameters by `optax.apply_updates`, which rounds the
+    sum once into their dtype. With float32 parameters this is `inner` exactly."""
+    up = lambda tree: jax.tree.map(  # noqa: E731
+        lambda x: x.astype(jnp.float32) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+    def init(params):
+        return inner.init(up(params))
+
+    def update(grads, state, params=None):
+        return inner.update(up(grads), state, None if params is None else up(params))
+
+    return optax.GradientTransformation(init, update)
 
 
 # ---------------------------------------------------------------------------------------------
 # Mesh
 # ---------------------------------------------------------------------------------------------
+
+# The scope of the stage now running (`stage`); setup_mesh activates its mesh there.
+_STAGE_SCOPE: contextvars.ContextVar = contextvars.ContextVar("rlhf_jax_stage", default=None)
+
+
+def stage(train):
+    """Decorator of a trainer's `train(config, workdir)`: the mesh `setup_mesh` builds stays
+    active (`sharding.activate`: activation and state layouts in jitted steps) until `train`
+    returns or raises, and no longer."""
+    @functools.wraps(train)
+    def run(*args, **kwargs):
+        with contextlib.ExitStack() as scope:
+            token = _STAGE_SCOPE.set(scope)
+            try:
+                return train(*args, **kwargs)
+            finally:
+                _STAGE_SCOPE.reset(token)
+
+    return run
+
 
 def setup_mesh(config, *batch_sizes: int):
     """Initialises multi-host JAX if configured, builds the mesh, checks the batch sizes.
@@ -86,6 +127,9 @@ def setup_mesh(config, *batch_sizes: int):
     rules = {**sharding.DEFAULT_RULES, **dict(config.mesh.get("rules", None) or {})}
     for b in batch_sizes:
         sharding.check_batch_size(b, mesh, rules)
+    scope = _STAGE_SCOPE.get()
+    if scope is not None:            # inside a @stage train(): jitted steps see the mesh
+        scope.enter_context(sharding.activate(mesh, rules))
     line = mesh_line(mesh, rules, batch_sizes[0] if batch_sizes else None)
     # On one device there is nothing to say on the terminal; the log has it either way.
     if mesh.size > 1 and jax.process_index() == 0:
@@ -143,7 +187,8 @@ RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batc
 # Config keys added after checkpoints were written, with the value that behaves as before: a
 # checkpoint without the key was run that way.
 ADDED_KEYS = {"data.format": "plain", "norm.policy_from": "", "data.kind": "pairs",
-              "data.split_pairs": False, "micro_batches": 1,
+              "data.split_pairs": False, "micro_batches": 1, "optim.state_dtype": "param",
+              "model.param_dtype": "",
               **{f"model.{k}": v for k, v in model.RUNTIME_DEFAULTS.items()}}
 
 
@@ -367,7 +412,12 @@ def runtime(config) -> dict:
     """The stage's runtime model options (model.remat, model.logits_chunk, model.attention):
     how to compute, which a stage chooses whatever checkpoint it loads."""
     group = config.get("model", None) or {}
-    return {k: group[k] for k in model.RUNTIME_FIELDS if k in group}
+    out = {k: group[k] for k in model.RUNTIME_FIELDS if k in group}
+    if group.get("param_dtype") and "vocab_size" not in group:
+        # A loading stage's storage dtype (fields.RUNTIME_MODEL); '' keeps the checkpoint's.
+        # SFT's model group is the architecture itself, param_dtype included.
+        out["param_dtype"] = group["param_dtype"]
+    return out
 
 
 def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
@@ -403,8 +453,12 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
             meta = ckpt.restore_meta(step)
             # A meta written before the runtime fields (model.RUNTIME_FIELDS) lacks them:
             # their defaults are how that run computed.
+            # The arrays are read as saved (their checksums are of those) and then stored in
+            # the runtime's param_dtype, if it asks for another.
+            runtime = dict(runtime or {})
+            param_dtype = runtime.pop("param_dtype", None)
             saved_cfg = model.ModelConfig(**{**model.RUNTIME_DEFAULTS, **meta["model"],
-                                             **(runtime or {})})
+                                             **runtime})
             saved_kind = meta.get("model_kind", "policy")
             mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
             graphdef, target = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules,
@@ -412,6 +466,11 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
             params, _, meta = ckpt.restore(params=target, step=step)
         except CheckpointError as e:
             raise CheckpointError(f"{key}={str(stage_dir)!r}: {e}") from e
+    if param_dtype and param_dtype != saved_cfg.param_dtype:
+        saved_cfg = saved_cfg.replace(param_dtype=param_dtype)
+        graphdef = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules, seed=seed,
+                              abstract_only=True)[0]
+        params = cast_params(params, param_dtype)
     meta["source"] = source_record(stage_dir, meta, params)
     tok = tokenizer_from_meta(meta["tokenizer"])
     if saved_kind == kind:
@@ -429,8 +488,9 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
 
 def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
             new_head: bool = False, key: str = "init_from", runtime: dict | None = None):
-    """`load_stage` for a Hugging Face checkpoint directory: float32 master weights computing
-    in the checkpoint's own dtype, read straight onto the mesh (`hf.load`).
+    """`load_stage` for a Hugging Face checkpoint directory: float32 master weights (or the
+    runtime's param_dtype) computing in the checkpoint's own dtype, read straight onto the
+    mesh (`hf.load`).
 
     kind="policy": a causal LM. kind="reward": a *ForSequenceClassification checkpoint's
     score head; with new_head=True a causal LM's backbone with a fresh head is accepted too.
@@ -457,6 +517,8 @@ def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
             cfg = cfg.replace(**runtime)
             graphdef = init_model(cfg, kind=load_kind, mesh=mesh, rules=rules, seed=seed,
                                   abstract_only=True)[0]
+            if runtime.get("param_dtype"):      # and how to store them
+                params = cast_params(params, runtime["param_dtype"])
     except (ConfigError, CheckpointError) as e:       # a DataError names its file already
         message = str(e)
         raise type(e)(message if message.startswith(shown) else f"{shown}: {message}") \
@@ -467,6 +529,13 @@ def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,
         graphdef, params = value_from_reward((graphdef, params, cfg, tok, meta), mesh=mesh,
                                              rules=rules, seed=seed)
     return graphdef, params, cfg, tok, meta
+
+
+def cast_params(params, dtype):
+    """The floating-point parameters of `params` stored in `dtype` (same layout)."""
+    dt = jnp.dtype(dtype)
+    return jax.tree.map(lambda x: x.astype(dt) if jnp.issubdtype(x.dtype, jnp.floating) else x,
+                        params)
 
 
 def value_from_reward(reward, *, mesh, rules, seed: int = 0):
@@ -533,7 +602,11 @@ def guarded_apply(optimizer, params, opt_state, grads, loss, guard, step):
     guard = {"bad_step": jnp.where(first_bad, jnp.int32(step), guard["bad_step"]),
              "bad_loss": jnp.where(first_bad, jnp.float32(loss), guard["bad_loss"]),
              "bad_grad_norm": jnp.where(first_bad, grad_norm, guard["bad_grad_norm"])}
-    return keep(new_params, params), keep(new_opt_state, opt_state), guard, grad_norm
+    # Parameters, moments and guard leave in the layout they are declared in (on a mesh; see
+    # sharding.constrain_state), so the next step reuses this compilation.
+    new_params, new_opt_state, guard = sharding.constrain_state(
+        (keep(new_params, params), keep(new_opt_state, opt_state), guard))
+    return new_params, new_opt_state, guard, grad_norm
 
 
 def raise_if_bad(guard, last_values: dict | None = None):

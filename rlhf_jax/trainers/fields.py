@@ -10,6 +10,7 @@ from rlhf_jax.schema import Bool, Choice, Dict, Float, Int, Spec, Str, Tuple
 
 # Choices the trainers branch on, named once here and read by trainers/common.py.
 SCHEDULES = ("cosine", "constant")
+STATE_DTYPES = ("param", "float32")
 
 SIZE = Str(nonempty=True, doc="the experiment's size preset, e.g. 'default' or 'smoke'")
 SEED = Int(ge=0, doc="training seed: initialisation, data order, sampling")
@@ -41,6 +42,10 @@ OPTIM = {
     "schedule": Choice(*SCHEDULES, doc="learning-rate decay after warm-up"),
     "end_lr_frac": Float(ge=0, le=1, doc="final learning rate of the cosine decay, as a "
                                          "fraction of lr"),
+    "state_dtype": Choice(*STATE_DTYPES, doc="Adam's moments in the parameters' dtype "
+                                             "('param') or in float32 (with bfloat16 "
+                                             "parameters: the update is computed in float32 "
+                                             "and rounded once into the parameters)"),
 }
 
 MODEL = {
@@ -73,7 +78,12 @@ MODEL = {
 }
 # The runtime options alone: the `model` group of a stage that loads its model from a
 # checkpoint (the architecture comes with it; how to compute is the stage's choice).
-RUNTIME_MODEL = {k: MODEL[k] for k in ("remat", "logits_chunk", "attention")}
+RUNTIME_MODEL = {**{k: MODEL[k] for k in ("remat", "logits_chunk", "attention")},
+                 "param_dtype": Choice("", *_DTYPES, doc="store the loaded parameters in this "
+                                                         "dtype; '' keeps the checkpoint's")}
+# Their defaults: the path a stage computed before the options existed.
+RUNTIME_MODEL_DEFAULTS = {"remat": "none", "logits_chunk": 0, "attention": "einsum",
+                          "param_dtype": ""}
 
 
 def data(**extra) -> dict:

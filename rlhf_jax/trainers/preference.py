@@ -78,7 +78,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.pref_loss = "dpo(beta=0.2)"
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
-    c.model = ml_collections.ConfigDict(dict(remat="none", logits_chunk=0, attention="einsum"))
+    c.model = ml_collections.ConfigDict(fields.RUNTIME_MODEL_DEFAULTS)
     # Pairs: the testbed's Bradley-Terry-labelled pairs (tau = label noise temperature).
     # Testbed rows are at most 9 prompt + 24 completion tokens, so one bucket of 36 (as in the
     # SFT and reward stages) never truncates (docs/testbed.md). kind="unpaired" reads unpaired
@@ -456,6 +456,7 @@ def check_rows(config) -> None:
                    f"data.kind={data.kind!r}{split} gives {given} rows; {_GET_ROWS[rows]}")
 
 
+@common.stage
 def train(config, workdir) -> Path:
     workdir = Path(workdir)
     stage_dir = workdir / config.stage

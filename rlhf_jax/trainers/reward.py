@@ -66,7 +66,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.loss = "bradley_terry"    # a reward_loss registry spec, e.g. "bradley_terry(margin=0.5)"
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
-    c.model = ml_collections.ConfigDict(dict(remat="none", logits_chunk=0, attention="einsum"))
+    c.model = ml_collections.ConfigDict(fields.RUNTIME_MODEL_DEFAULTS)
     # Preference pairs. n_train / n_test / seed / tau / flip_rate size and label the synthetic
     # testbed's pairs; with source="tfds", `name` is the prepared pairs dataset.
     c.data = ml_collections.ConfigDict(dict(
@@ -232,6 +232,7 @@ def _sub_data(data, **changes) -> ml_collections.ConfigDict:
     return out
 
 
+@common.stage
 def train(config, workdir) -> Path:
     workdir = Path(workdir)
     stage_dir = workdir / STAGE

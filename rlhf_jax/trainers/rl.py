@@ -49,7 +49,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.reward = "model"           # "model" (r_phi) or "gold" (the testbed's r*: PPO-GT)
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
-    c.model = ml_collections.ConfigDict(dict(remat="none", logits_chunk=0, attention="einsum"))
+    c.model = ml_collections.ConfigDict(fields.RUNTIME_MODEL_DEFAULTS)
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", n_train=4_000, n_test=500, seed=0,
         buckets=(12,), max_prompt_len=11))
@@ -278,6 +278,7 @@ def dynamic_sample(draw, key, *, group: int, n_groups: int, max_draws: int,
     return out, metrics
 
 
+@common.stage
 def train(config, workdir) -> Path:
     workdir = Path(workdir)
     stage_dir = workdir / config.stage

@@ -94,6 +94,7 @@ def load_tokenizer(config, workdir: Path) -> tokenizer_lib.BaseTokenizer:
     return tok
 
 
+@common.stage
 def train(config, workdir) -> Path:
     workdir = Path(workdir)
     stage_dir = workdir / STAGE
