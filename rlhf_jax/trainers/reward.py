@@ -71,7 +71,8 @@ def default_config() -> ml_collections.ConfigDict:
     # testbed's pairs; with source="tfds", `name` is the prepared pairs dataset.
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", n_train=10_000,
-        n_test=1_000, seed=0, tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=64))
+        n_test=1_000, seed=0, tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=64,
+        packing=False))
     # Tuned on the default testbed run (see experiments/reward.py): lr 1e-4 stays at chance
     # after one epoch; on the default SFT model 1e-3 with decay to 0 reaches the acceptance
     # gold accuracies in one epoch, where 2e-3 and 3e-3 fall just short on far pairs.
@@ -131,6 +132,13 @@ def validate(config):
     common.require(_data_kind(config) == "pairs" or "rankings" in (source.kinds or ()),
                    f"loss={config.loss!r} trains on ranked lists, which only the review "
                    "testbed provides here; use data.source='synthetic' or a pairwise loss")
+    if _data_kind(config) != "pairs":
+        common.refuse_packing(config, f"with loss={config.loss!r}: its ranked lists are "
+                                      "batched K rows per prompt, not packed")
+    if config.micro_batches > 1:
+        common.refuse_packing(config, f"with micro_batches={config.micro_batches}: a packed "
+                                      "batch holds pairs across rows, which micro-batches "
+                                      "would cut apart")
     common.require(config.steps > 0 or config.epochs > 0,
                    f"epochs={config.epochs} must be positive when steps=0")
     common.require(config.steps > 0 or config.epochs * config.data.n_train
@@ -268,7 +276,12 @@ def train(config, workdir) -> Path:
     train_cfg = common.batch_config(config.data, batch_size=config.data.batch_size,
                                     seed=config.seed)
     train_source = common.data_source(config.data, kind, "train", workdir)
+    packing = bool(config.data.get("packing", False))
     if kind == "pairs":
+        if packing:
+            train_cfg = common.batch_config(
+                config.data, batch_size=config.data.batch_size, seed=config.seed, packing=True,
+                pack_rows_multiple=common.pack_rows_multiple(config, mesh, rules))
         train_it = batching.make_iterator(train_source, kind="pairs", tokenizer=tok,
                                           config=train_cfg, name="pairs/train",
                                           format=config.data.format)
@@ -286,8 +299,12 @@ def train(config, workdir) -> Path:
 
     def loss_fn(params, batch):
         # One forward pass over all K * B rows (pairs: K = 2, the B chosen rows first), then
-        # [B, K] with column k the k-th ranked response, best first.
-        r = score(params, batch["tokens"], batch["mask"])
+        # [B, K] with column k the k-th ranked response, best first. Packed rows: one reward
+        # per sequence, read at its last token, in the same order.
+        packed = common.packed_inputs(batch)
+        r = (score(params, batch["tokens"], batch["mask"]) if packed is None else
+             model.apply_reward(graphdef, params, batch["tokens"], mask_bt=batch["mask"],
+                                read_at=batch["read_at"], **packed))
         b = batch["valid"].shape[0]
         rewards_bk = r.reshape(r.shape[0] // b, b).T
         return registry.call(loss_spec, chosen_rewards=rewards_bk[:, 0],
@@ -331,10 +348,15 @@ def train(config, workdir) -> Path:
     values = None
     bar = metrics_lib.progress(total=steps, initial=step, desc="rm")
     token_rate = metrics_lib.TokenRate()
+    padding = batching.PaddingStats(config.data.buckets) if packing else None
     t0 = time.perf_counter()
     while step < steps:
         host_batch = next(train_it)
         token_rate.add(host_batch["mask"])
+        if padding is not None:
+            padding.add(host_batch)
+            if padding.batches == 1:
+                common.packing_report(padding, STAGE)
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
         step += 1
@@ -342,7 +364,8 @@ def train(config, workdir) -> Path:
         if step % config.log_every == 0 or last:
             m = metrics_lib.to_host(m)  # waits for the step, so the rate below is honest
             values = writer.write(step, {**m, "rm/epoch": train_it.epoch,
-                                         "time/tokens_per_s": token_rate.rate()})
+                                         "time/tokens_per_s": token_rate.rate(),
+                                         **(padding.metrics() if padding else {})})
             common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             bar.set_postfix(metrics_lib.format_postfix(
                 values, ["rm/loss", "rm/accuracy", "rm/pairwise_accuracy"]))
@@ -353,6 +376,8 @@ def train(config, workdir) -> Path:
         bar.update(1)
     bar.close()
     common.raise_if_bad(guard, values)
+    if padding is not None and padding.batches > 1:
+        common.packing_report(padding, STAGE)
     train_seconds = time.perf_counter() - t0
 
     # --- normalisation on SFT samples (Ziegler et al. 2019 sec. 2.2) --------------------------
