@@ -16,14 +16,14 @@ TINY = dict(vocab_size=32, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff
 def _alone_vs_packed(cfg, seqs, kind="policy"):
     """Per-token outputs of each sequence run alone, and of one row holding all of them."""
     graphdef, params = model.create(cfg, seed=0, kind=kind)
+    run = jax.jit(lambda tokens, seg: model.apply(graphdef, params, tokens, segment_ids_bt=seg))
     row = np.concatenate(seqs)[None]
     seg = np.concatenate([np.full(len(s), i + 1) for i, s in enumerate(seqs)])[None]
     t = row.shape[1] + 3                     # and a padded tail, segment 0
     tokens = np.pad(row, ((0, 0), (0, t - row.shape[1])))
     seg = np.pad(seg, ((0, 0), (0, t - seg.shape[1])))
-    packed = model.apply(graphdef, params, jnp.asarray(tokens),
-                         segment_ids_bt=jnp.asarray(seg))[0][0]
-    alone = [model.apply(graphdef, params, jnp.asarray(s)[None])[0][0] for s in seqs]
+    packed = run(jnp.asarray(tokens), jnp.asarray(seg))[0][0]
+    alone = [run(jnp.asarray(s)[None], None)[0][0] for s in seqs]
     return np.asarray(packed), [np.asarray(a) for a in alone]
 
 
@@ -86,10 +86,10 @@ def test_packing_a_hand_example_and_its_padding_fractions():
                                              "data/padding_packed": 0.05})
 
 
-def test_row_counts_halve_down_to_what_the_rows_need():
-    assert batching.packed_row_count(3, 64) == 4
-    assert batching.packed_row_count(17, 64, 8) == 32
-    assert batching.packed_row_count(5, 16, 8) == 8     # a multiple of 8, never fewer
+def test_row_counts_are_what_the_rows_need_in_multiples_of_the_shards():
+    assert batching.packed_row_count(3, 64) == 3
+    assert batching.packed_row_count(17, 64, 8) == 24
+    assert batching.packed_row_count(0, 16, 8) == 8     # all rows skipped: one multiple
     assert batching.packed_row_count(16, 16, 8) == 16
     assert batching.first_fit([5, 6, 4, 1, 5], 10) == [[0, 2, 3], [1], [4]]
 
@@ -168,27 +168,11 @@ def _grad_gap(loss, params, plain, packed):
     return abs(float(a) - float(b)), gap, float(a)
 
 
-def test_sft_loss_and_gradient_are_the_same_packed(tb):
-    from rlhf_jax.aggregation import aggregate
-    from rlhf_jax.trainers import common
-    cfg = model.ModelConfig(**{**TINY, "vocab_size": tb.tokenizer.vocab_size, "max_len": 72})
-    graphdef, params = model.create(cfg, seed=0)
-
-    def loss(params, batch):       # the SFT trainer's loss_fn
-        logps, _ = common.sequence_logps(graphdef, params, batch["tokens"], batch["mask"],
-                                         batch["loss_mask"], packed=common.packed_inputs(batch))
-        return aggregate(-logps, batch["loss_mask"][:, 1:], "token_mean")
-
-    plain, packed = _batches(tb, "sft", tb.sft_examples(8, seed=1))
-    d_loss, d_grad, value = _grad_gap(loss, params, plain, packed)
-    print(f"sft packed vs unpacked: |loss diff| {d_loss:.1e}, max |grad diff| {d_grad:.1e}")
-    assert value > 1 and d_loss < 1e-5 and d_grad < 1e-6
-
-
 def test_dpo_and_reward_model_losses_and_gradients_are_the_same_packed(tb):
     from rlhf_jax import losses
     from rlhf_jax.trainers import common, preference
-    cfg = model.ModelConfig(**{**TINY, "vocab_size": tb.tokenizer.vocab_size, "max_len": 72})
+    cfg = model.ModelConfig(**{**TINY, "vocab_size": tb.tokenizer.vocab_size, "max_len": 72,
+                               "n_layers": 1})
     graphdef, params = model.create(cfg, seed=0)
     ref = jax.tree.map(lambda x: x * 1.01, params)
     plain, packed = _batches(tb, "pairs", tb.preference_pairs(8, seed=1))
@@ -219,3 +203,76 @@ def test_dpo_and_reward_model_losses_and_gradients_are_the_same_packed(tb):
     d_loss, d_grad, _ = _grad_gap(bradley_terry, rm_params, plain, packed)
     print(f"rm packed vs unpacked: |loss diff| {d_loss:.1e}, max |grad diff| {d_grad:.1e}")
     assert d_loss < 1e-5 and d_grad < 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages: a packed SFT run, the printed padding shares, and the refusals
+# ---------------------------------------------------------------------------------------------
+
+def test_a_packed_sft_run_prints_the_padding_it_saves_and_ends_where_the_plain_one_does(
+        tmp_path, capsys):
+    from experiments import sft as sft_exp
+    from rlhf_jax import experiment
+    from rlhf_jax.metrics import read_metrics
+    from rlhf_jax.trainers import common, sft
+
+    def run(packing):
+        config = experiment.load_config(sft_exp.get_config, {
+            "size": "smoke", "data.data_dir": str(tmp_path / "data"), "steps": "3",
+            "log_every": "3", "save_every": "3", "eval_batches": "0", "model.max_len": "72",
+            "data.buckets": "(36, 72)", "data.packing": str(packing)})
+        return sft.train(config, tmp_path / f"packing_{packing}")
+
+    plain, packed = run(False), run(True)
+    out = capsys.readouterr().out
+    lines = [line for line in out.splitlines() if line.startswith("sft: packing: padding")]
+    assert len(lines) == 2 and lines[0].endswith("(1 batch)"), out     # start-up and the end
+    row = read_metrics(packed)[-1]
+    assert row["data/padding_packed"] < row["data/padding_unpacked"]
+    assert f"{100 * row['data/padding_unpacked']:.1f}% of tokens unpacked" in lines[1]
+    assert "data/padding_packed" not in read_metrics(plain)[-1]
+    a, b = (jax.device_get(common.load_stage(s)[1]) for s in (plain, packed))
+    gap = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
+                                                           jax.tree.leaves(b)))
+    print(f"sft, 3 steps packed vs unpacked: max |param difference| {gap:.1e}; {lines[1]}")
+    assert gap < 1e-5
+
+
+@pytest.mark.parametrize("module,overrides,why", [
+    ("ppo", [], "by the RL trainer: its rows are prompts that generation extends in place"),
+    ("dpo", ["pref_loss=kto", "data.split_pairs=True"],
+     "with pref_loss='kto': its unpaired rows come with mismatched KL rows"),
+    ("dpo", ["micro_batches=2"], "with micro_batches=2: a packed batch holds pairs across rows"),
+    ("reward", ["loss=plackett_luce"], "with loss='plackett_luce': its ranked lists are "
+                                       "batched K rows per prompt"),
+    ("reward", ["micro_batches=2"], "with micro_batches=2: a packed batch holds pairs"),
+])
+def test_a_stage_that_cannot_pack_refuses_in_one_line(module, overrides, why, capsys, tmp_path):
+    import importlib
+
+    from rlhf_jax import experiment
+    exp = importlib.import_module(f"experiments.{module}")
+    trainer = {"ppo": "rl", "dpo": "preference", "reward": "reward"}[module]
+    validate = importlib.import_module(f"rlhf_jax.trainers.{trainer}").validate
+
+    def main(config, workdir):    # what the stage does first; nothing may train here
+        validate(config)
+        raise AssertionError(f"{overrides} was accepted")
+
+    with pytest.raises(SystemExit) as e:
+        experiment.run(exp.get_config, main, ["--workdir", str(tmp_path), "--config.size=smoke",
+                                              "--config.data.packing=true",
+                                              *[f"--config.{o}" for o in overrides]])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    assert f"data.packing=true is not supported {why}" in err and "set data.packing=false" in err
+
+
+def test_packing_is_refused_for_rows_the_packer_does_not_lay_out(tb):
+    from rlhf_jax.errors import ConfigError
+    with pytest.raises(ConfigError, match="packing is for kinds .* not 'prompts'; set packing"):
+        batching.make_iterator(tb.sft_examples(4, seed=0), kind="prompts",
+                               tokenizer=tb.tokenizer,
+                               config=batching.BatchConfig(batch_size=2, packing=True))
+    with pytest.raises(ConfigError, match="pack_rows_multiple=3 is invalid; use a divisor"):
+        batching.BatchConfig(batch_size=4, packing=True, pack_rows_multiple=3)

@@ -41,10 +41,10 @@ tokens: tokens, mask, loss_mask [R, T]; segment_ids [R, T] (1, 2, ... per sequen
 on padding); positions [R, T] (0 at each sequence's first token); seq_index [R, T] (the
 sequence's index in the unpacked order, N on padding); read_at [N] (flat index row * T + t of
 each sequence's last token, 0 for a sequence left out); seq_lengths, prompt_lens [N]; valid,
-truncated, skipped and extra fields [B] as unpacked. R is the smallest of N, N/2, N/4, ...
-(rounded up to a multiple of pack_rows_multiple) that holds the rows, so a run compiles a few
-shapes at most; T the smallest bucket that fits the fullest row. Rows with valid=0 (skipped
-examples, padding of a partial batch) are left out of the rows.
+truncated, skipped and extra fields [B] as unpacked. R is the number of rows the sequences fill,
+rounded up to a multiple of pack_rows_multiple (each R compiles the step once; batches of the
+same size fill about as many rows, so a run sees a few); T is the smallest bucket that fits the
+fullest row. Examples with valid=0 (skipped, or padding of a partial batch) get no segment.
 
 `loss_mask[b, t]` marks token t as a target: with logits[:, :-1] predicting tokens[:, 1:], weight
 the loss by loss_mask[:, 1:]. Rows of a final partial batch (num_epochs set, no drop) are
@@ -519,16 +519,9 @@ def first_fit(lengths: Sequence[int], capacity: int) -> list[list[int]]:
 
 
 def packed_row_count(needed: int, n: int, multiple: int = 1) -> int:
-    """The row count of a packed batch: the smallest of n, n/2, n/4, ... (each rounded up to a
-    multiple of `multiple`, n itself being one) that is >= needed."""
-    best, c = n, n
-    while c > 1:
-        c = -(-c // 2)
-        r = -(-c // multiple) * multiple
-        if r < needed or r >= best:
-            break
-        best = r
-    return best
+    """The row count of a packed batch of n sequences: the rows it needs, rounded up to a
+    multiple of `multiple` (at least one such multiple, at most n, which is one)."""
+    return min(n, max(1, -(-needed // multiple)) * multiple)
 
 
 def collate_packed(examples: Sequence[dict | None], *, kind: str, batch_size: int,
