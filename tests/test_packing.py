@@ -209,33 +209,50 @@ def test_dpo_and_reward_model_losses_and_gradients_are_the_same_packed(tb):
 # The stages: a packed SFT run, the printed padding shares, and the refusals
 # ---------------------------------------------------------------------------------------------
 
-def test_a_packed_sft_run_prints_the_padding_it_saves_and_ends_where_the_plain_one_does(
+def test_packed_sft_and_dpo_runs_print_the_padding_they_save_and_sft_ends_where_plain_does(
         tmp_path, capsys):
+    from experiments import dpo as dpo_exp
     from experiments import sft as sft_exp
     from rlhf_jax import experiment
     from rlhf_jax.metrics import read_metrics
-    from rlhf_jax.trainers import common, sft
+    from rlhf_jax.trainers import common, preference, sft
 
-    def run(packing):
+    data = {"data.data_dir": str(tmp_path / "data"), "data.buckets": "(36, 72)",
+            "steps": "3", "log_every": "3", "save_every": "3", "eval_batches": "0"}
+
+    def run(packing, micro_batches=1):
         config = experiment.load_config(sft_exp.get_config, {
-            "size": "smoke", "data.data_dir": str(tmp_path / "data"), "steps": "3",
-            "log_every": "3", "save_every": "3", "eval_batches": "0", "model.max_len": "72",
-            "data.buckets": "(36, 72)", "data.packing": str(packing)})
-        return sft.train(config, tmp_path / f"packing_{packing}")
+            "size": "smoke", **data, "model.max_len": "72", "data.packing": str(packing),
+            "micro_batches": str(micro_batches)})
+        return sft.train(config, tmp_path / f"packing_{packing}_{micro_batches}")
 
-    plain, packed = run(False), run(True)
+    plain, packed, micro = run(False), run(True), run(True, 2)
     out = capsys.readouterr().out
     lines = [line for line in out.splitlines() if line.startswith("sft: packing: padding")]
-    assert len(lines) == 2 and lines[0].endswith("(1 batch)"), out     # start-up and the end
+    assert len(lines) == 4 and lines[0].endswith("(1 batch)"), out    # start-up and the end
     row = read_metrics(packed)[-1]
     assert row["data/padding_packed"] < row["data/padding_unpacked"]
     assert f"{100 * row['data/padding_unpacked']:.1f}% of tokens unpacked" in lines[1]
     assert "data/padding_packed" not in read_metrics(plain)[-1]
-    a, b = (jax.device_get(common.load_stage(s)[1]) for s in (plain, packed))
-    gap = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
-                                                           jax.tree.leaves(b)))
-    print(f"sft, 3 steps packed vs unpacked: max |param difference| {gap:.1e}; {lines[1]}")
-    assert gap < 1e-5
+    a, b, c = (jax.device_get(common.load_stage(s)[1]) for s in (plain, packed, micro))
+    for other, what in ((b, "packed"), (c, "packed, micro_batches=2")):
+        gap = max(float(np.max(np.abs(x - y))) for x, y in zip(jax.tree.leaves(a),
+                                                               jax.tree.leaves(other)))
+        with capsys.disabled():
+            print(f"sft, 3 steps {what} vs unpacked: max |param difference| {gap:.1e}")
+        assert gap < 1e-5
+    with capsys.disabled():
+        print(lines[1])
+
+    # DPO from the packed SFT stage, packed: the trainer's wiring, its line and its metrics.
+    config = experiment.load_config(dpo_exp.get_config, {
+        "size": "smoke", **data, "data.packing": "True", "gen.n_prompts": "0",
+        "init_from": str(packed)})
+    stage = preference.train(config, tmp_path)
+    row = read_metrics(stage)[-1]
+    assert np.isfinite(row["pref/loss"]) and np.isfinite(row["pref/grad_norm"])
+    assert row["data/padding_packed"] < row["data/padding_unpacked"]
+    assert "dpo: packing: padding" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("module,overrides,why", [
