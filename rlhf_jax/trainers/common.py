@@ -98,9 +98,7 @@ def mesh_line(mesh, rules, batch_size=None) -> str:
     """"mesh data=2 fsdp=4 tensor=1 (8 devices, 1 process); batch 32 = 4 per device on
     (data, fsdp); rules embed->fsdp mlp->tensor ...": what a run is sharded as."""
     shape = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
-    axes = rules.get("batch") or ()
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    axes, shards = batch_shards(mesh, rules)
     procs = jax.process_count()
     out = (f"mesh {shape} ({records.plural(mesh.size, 'device')}, {procs} "
            f"process{'es' if procs > 1 else ''})")
@@ -110,6 +108,13 @@ def mesh_line(mesh, rules, batch_size=None) -> str:
     shown = " ".join(f"{k}->{v if isinstance(v, str) else ','.join(v or ()) or '-'}"
                      for k, v in rules.items() if k != "batch")
     return out + f"; rules {shown}"
+
+
+def batch_shards(mesh, rules) -> tuple[tuple[str, ...], int]:
+    """(the mesh axes the batch is split over, how many shards that makes)."""
+    axes = rules.get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return axes, int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def on_mesh(tree, mesh):
@@ -143,8 +148,7 @@ RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batc
 # Config keys added after checkpoints were written, with the value that behaves as before: a
 # checkpoint without the key was run that way.
 ADDED_KEYS = {"data.format": "plain", "norm.policy_from": "", "data.kind": "pairs",
-              "data.packing": False,
-              "data.split_pairs": False, "micro_batches": 1,
+              "data.split_pairs": False, "micro_batches": 1, "data.packing": False,
               **{f"model.{k}": v for k, v in model.RUNTIME_DEFAULTS.items()}}
 
 
@@ -335,14 +339,22 @@ def refuse_packing(config, why: str) -> None:
 def pack_rows_multiple(config, mesh, rules) -> int:
     """Packed batches' row counts are multiples of this: the mesh's batch shards times
     micro_batches, so a packed batch is placed and split as an unpacked one."""
-    axes = rules.get("batch", sharding.BATCH_AXES)
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-    return int(np.lcm(shards, int(config.get("micro_batches", 1))))
+    return int(np.lcm(batch_shards(mesh, rules)[1], int(config.get("micro_batches", 1))))
 
 
-def packing_report(stats: batching.PaddingStats, stage: str) -> None:
-    """Prints (on process 0) and logs the padding shares of packed and unpacked batches."""
+def count_padding(stats: batching.PaddingStats | None, host_batch: dict, stage: str) -> None:
+    """Adds a packed training batch to `stats` (None: not packing); the first is reported."""
+    if stats is not None:
+        stats.add(host_batch)
+        if stats.batches == 1:
+            packing_report(stats, stage)
+
+
+def packing_report(stats: batching.PaddingStats | None, stage: str) -> None:
+    """Prints (on process 0) and logs the padding shares of packed and unpacked batches so
+    far (`PaddingStats.line`); nothing when not packing."""
+    if stats is None:
+        return
     line = stats.line(stage)
     if jax.process_index() == 0:
         print(line, flush=True)

@@ -15,7 +15,9 @@ every loss the same inputs and the registry passes each the subset it declares:
 Chosen and rejected go through one forward pass (the [2B, T] pair batch, chosen rows first).
 The reference log-probs are computed once per batch inside the jitted step but outside the
 gradient, and not at all for reference-free losses (SimPO, ORPO). Rows with valid=0 (padding
-of a final partial batch) carry zero weight.
+of a final partial batch) carry zero weight. With data.packing=true (paired losses only) the
+chosen and rejected sequences are packed into rows and the [B] inputs above are per-segment
+sums (docs/data.md, "Sequence packing").
 
 KTO on unpaired rows (Ethayarajh et al. 2024). A name registered under the kind `unpaired_loss`
 (`pref_loss="kto(beta=0.1)"`) trains on unpaired rows instead of pairs: each a prompt, one
@@ -554,10 +556,7 @@ def train(config, workdir) -> Path:
     while step < config.steps:
         host_batch = next(train_it)
         token_rate.add(host_batch["mask"])
-        if padding is not None:
-            padding.add(host_batch)
-            if padding.batches == 1:
-                common.packing_report(padding, config.stage)
+        common.count_padding(padding, host_batch, config.stage)
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, held_ref, batch,
                                              jnp.int32(step))
@@ -575,8 +574,7 @@ def train(config, workdir) -> Path:
         bar.update(1)
     bar.close()
     common.raise_if_bad(guard, values)
-    if padding is not None and padding.batches > 1:
-        common.packing_report(padding, config.stage)
+    common.packing_report(padding, config.stage)
     # Wall and CPU time of this run's training steps (first-step compile included), for the
     # time budget; on a shared machine the CPU time (all threads) is the steadier number.
     results = {"time/train_wall_s": time.perf_counter() - t_start,

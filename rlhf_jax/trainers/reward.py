@@ -17,6 +17,8 @@ unless `config.steps` is set. A K-wise loss (one taking `rewards` [B, K], i.e.
 loss="plackett_luce") trains on the testbed's "rankings" lists instead (data.n_train lists of
 K = 4 responses, best first; `rankings_iterator`), all K * B rows again in one forward pass;
 its evaluation still uses the test split of the pairs, so the numbers compare across losses.
+With data.packing=true (pairwise losses) the training pairs are packed into rows and each
+sequence's reward is read at its own last token (docs/data.md, "Sequence packing").
 
 After training: reward normalisation. A Bradley–Terry model is defined up to an additive
 constant and, with early stopping, an arbitrary scale, so a KL coefficient tuned against one
@@ -273,15 +275,12 @@ def train(config, workdir) -> Path:
 
     # --- data ---------------------------------------------------------------------------------
     kind = _data_kind(config)
-    train_cfg = common.batch_config(config.data, batch_size=config.data.batch_size,
-                                    seed=config.seed)
+    packing = bool(config.data.get("packing", False))    # pairs only (validate)
+    train_cfg = common.batch_config(
+        config.data, batch_size=config.data.batch_size, seed=config.seed, packing=packing,
+        pack_rows_multiple=common.pack_rows_multiple(config, mesh, rules))
     train_source = common.data_source(config.data, kind, "train", workdir)
-    packing = bool(config.data.get("packing", False))
     if kind == "pairs":
-        if packing:
-            train_cfg = common.batch_config(
-                config.data, batch_size=config.data.batch_size, seed=config.seed, packing=True,
-                pack_rows_multiple=common.pack_rows_multiple(config, mesh, rules))
         train_it = batching.make_iterator(train_source, kind="pairs", tokenizer=tok,
                                           config=train_cfg, name="pairs/train",
                                           format=config.data.format)
@@ -353,10 +352,7 @@ def train(config, workdir) -> Path:
     while step < steps:
         host_batch = next(train_it)
         token_rate.add(host_batch["mask"])
-        if padding is not None:
-            padding.add(host_batch)
-            if padding.batches == 1:
-                common.packing_report(padding, STAGE)
+        common.count_padding(padding, host_batch, STAGE)
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
         step += 1
@@ -376,8 +372,7 @@ def train(config, workdir) -> Path:
         bar.update(1)
     bar.close()
     common.raise_if_bad(guard, values)
-    if padding is not None and padding.batches > 1:
-        common.packing_report(padding, STAGE)
+    common.packing_report(padding, STAGE)
     train_seconds = time.perf_counter() - t0
 
     # --- normalisation on SFT samples (Ziegler et al. 2019 sec. 2.2) --------------------------

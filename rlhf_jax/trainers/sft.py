@@ -5,6 +5,9 @@
 Re-running in the same workdir resumes from the latest checkpoint and ends with the same
 parameters as an uninterrupted run. The checkpoint carries the model config and tokenizer,
 which is all the next stage (reward model, DPO, PPO) needs besides the parameters.
+
+With data.packing=true the training batches are packed rows (docs/data.md, "Sequence
+packing"): the same examples and the same token loss, fewer padding tokens.
 """
 
 from pathlib import Path
@@ -187,10 +190,7 @@ def train(config, workdir) -> Path:
     while step < config.steps:
         host_batch = next(train_it)
         token_rate.add(host_batch["mask"])
-        if padding is not None:
-            padding.add(host_batch)
-            if padding.batches == 1:
-                common.packing_report(padding, STAGE)
+        common.count_padding(padding, host_batch, STAGE)
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
         step += 1
@@ -207,8 +207,7 @@ def train(config, workdir) -> Path:
         bar.update(1)
     bar.close()
     common.raise_if_bad(guard, values)
-    if padding is not None and padding.batches > 1:
-        common.packing_report(padding, STAGE)
+    common.packing_report(padding, STAGE)
 
     # --- eval: held-out completion NLL --------------------------------------------------------
     if config.eval_batches:
