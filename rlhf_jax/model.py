@@ -549,6 +549,19 @@ def unembed(hidden_btd, weight, equation: str, *, softcap: float = 0.0):
     return softcap * jnp.tanh(logits / softcap) if softcap else logits
 
 
+def segment_positions(segment_ids_bt):
+    """Positions of packed rows: 0 at the first token of each segment (a run of one segment
+    id), counting up within it, so each packed sequence is embedded as if it were alone.
+    [B, T] int32 (padding, segment 0, counts on too; it is masked)."""
+    seg = segment_ids_bt.astype(jnp.int32)
+    t = seg.shape[-1]
+    idx = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), seg.shape)
+    starts = jnp.concatenate([jnp.ones_like(seg[:, :1], jnp.bool_),
+                              seg[:, 1:] != seg[:, :-1]], axis=1)
+    first = jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)
+    return idx - first
+
+
 def default_positions(mask_bt):
     """Positions for (left- or right-) padded rows: cumsum(mask) - 1, clipped at 0. [B, T] int32.
 
@@ -603,7 +616,7 @@ class Transformer(nnx.Module):
         return [getattr(self, f"layers_{i}") for i in range(self.cfg.n_layers)]
 
     def hidden_states(self, tokens_bt, *, mask_bt=None, positions_bt=None, cache=None,
-                      cache_index=None, kv_mask_bs=None):
+                      cache_index=None, kv_mask_bs=None, segment_ids_bt=None):
         """Final (normed) hidden states [B, T, D] (and the updated cache, if one is given).
 
         Training/prefill without a cache: attention is causal and keys where `mask_bt` is 0 are
@@ -612,20 +625,35 @@ class Transformer(nnx.Module):
         hold real tokens (including the new ones) and a query at slot i sees slots <= i.
         Sliding-window layers see only slots i - sliding_window < j <= i (in cache slots, which
         are positions up to the left padding, as in transformers).
+
+        Packed rows (`segment_ids_bt` [B, T] int, no cache): several sequences per row, each
+        with its own id 1, 2, ... and 0 on padding. A query sees only keys of its own segment
+        (on top of causal and the window), so attention never crosses an example, and
+        positions default to `segment_positions` (0 at each segment's first token). Padding
+        (segment 0) attends within the padding, so no query row is empty; its outputs are
+        masked downstream. `mask_bt` is then not needed for attention.
         """
         b, t = tokens_bt.shape
         if mask_bt is None:
-            mask_bt = jnp.ones((b, t), jnp.bool_)
+            mask_bt = jnp.ones((b, t), jnp.bool_) if segment_ids_bt is None else \
+                segment_ids_bt > 0
         mask_bt = mask_bt.astype(jnp.bool_)
+        if segment_ids_bt is not None and cache is not None:
+            raise ValueError("segment_ids_bt (packed rows) is for the cache-free forward only")
         if positions_bt is None:
-            positions_bt = default_positions(mask_bt)
+            positions_bt = (default_positions(mask_bt) if segment_ids_bt is None
+                            else segment_positions(segment_ids_bt))
         if cache is None:
             q_slot, kv_mask = jnp.arange(t), mask_bt                          # [T], [B, S=T]
         else:
             q_slot, kv_mask = cache_index + jnp.arange(t), kv_mask_bs.astype(jnp.bool_)
         k_slot = jnp.arange(kv_mask.shape[1])
         causal = q_slot[:, None] >= k_slot[None, :]                           # [T, S]
-        allowed = {"full": causal[None] & kv_mask[:, None, :]}                # [B, T, S]
+        if segment_ids_bt is None:
+            allowed = {"full": causal[None] & kv_mask[:, None, :]}            # [B, T, S]
+        else:
+            same = segment_ids_bt[:, :, None] == segment_ids_bt[:, None, :]   # [B, T, T]
+            allowed = {"full": causal[None] & same}
         if "sliding" in self.cfg.layer_types:
             window = q_slot[:, None] - k_slot[None, :] < self.cfg.sliding_window
             allowed["sliding"] = allowed["full"] & window[None]
@@ -668,9 +696,10 @@ class Transformer(nnx.Module):
         weight, equation = self.unembedding()
         return unembed(hidden_btd, weight, equation, softcap=self.cfg.final_softcap)
 
-    def __call__(self, tokens_bt, *, mask_bt=None, positions_bt=None):
+    def __call__(self, tokens_bt, *, mask_bt=None, positions_bt=None, segment_ids_bt=None):
         """Training forward: returns (logits [B, T, V] float32, hidden [B, T, D])."""
-        hidden, _ = self.hidden_states(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+        hidden, _ = self.hidden_states(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt,
+                                       segment_ids_bt=segment_ids_bt)
         return self.logits(hidden), hidden
 
     def init_cache(self, batch_size: int, length: int, dtype=None):
@@ -692,10 +721,19 @@ class RewardModel(nnx.Module):
         self.head = DenseGeneral((cfg.d_model,), (), ("embed",), (), use_bias=True,
                                  std=1.0 / math.sqrt(cfg.d_model + 1), cfg=cfg, rngs=rngs)
 
-    def __call__(self, tokens_bt, *, mask_bt, positions_bt=None):
-        """Rewards [B] (float32) read at the last non-pad token of each row."""
+    def __call__(self, tokens_bt, *, mask_bt, positions_bt=None, segment_ids_bt=None,
+                 read_at=None):
+        """Rewards [B] (float32) read at the last non-pad token of each row.
+
+        Packed rows (`segment_ids_bt`, see `Transformer.hidden_states`): `read_at` [N] gives
+        the flat index row * T + t of each sequence's last token, and the rewards are [N],
+        one per sequence, in that order."""
         hidden, _ = self.backbone.hidden_states(tokens_bt, mask_bt=mask_bt,
-                                                positions_bt=positions_bt)
+                                                positions_bt=positions_bt,
+                                                segment_ids_bt=segment_ids_bt)
+        if read_at is not None:
+            last = hidden.reshape(-1, hidden.shape[-1])[read_at]                 # [N, D]
+            return self.head(last).astype(jnp.float32)
         idx = last_token_index(mask_bt)
         last = jnp.take_along_axis(hidden, idx[:, None, None], axis=1)[:, 0]   # [B, D]
         return self.head(last).astype(jnp.float32)
@@ -744,15 +782,21 @@ def build(cfg: ModelConfig, *, seed: int = 0, kind: str = "policy") -> nnx.Modul
     raise ValueError(f"Unknown model kind {kind!r}; choose 'policy', 'reward' or 'value'")
 
 
-def apply(graphdef, params, tokens_bt, *, mask_bt=None, positions_bt=None):
+def apply(graphdef, params, tokens_bt, *, mask_bt=None, positions_bt=None,
+          segment_ids_bt=None):
     """Pure policy forward: (logits [B, T, V] float32, hidden [B, T, D]). Jit-friendly with
-    `graphdef` static (e.g. via functools.partial or a closure)."""
-    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+    `graphdef` static (e.g. via functools.partial or a closure). segment_ids_bt: packed rows
+    (`Transformer.hidden_states`)."""
+    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt,
+                                       segment_ids_bt=segment_ids_bt)
 
 
-def apply_reward(graphdef, params, tokens_bt, *, mask_bt, positions_bt=None):
-    """Pure reward-model forward: rewards [B] float32."""
-    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+def apply_reward(graphdef, params, tokens_bt, *, mask_bt, positions_bt=None,
+                 segment_ids_bt=None, read_at=None):
+    """Pure reward-model forward: rewards [B] float32 (packed rows: [N], one per sequence,
+    read at the flat indices `read_at`; `RewardModel`)."""
+    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt,
+                                       segment_ids_bt=segment_ids_bt, read_at=read_at)
 
 
 def apply_value(graphdef, params, tokens_bt, *, mask_bt, positions_bt=None):
@@ -862,7 +906,8 @@ def entropy(logits_btv, mask_bt=None, *, temperature: float = 1.0):
 
 
 def target_logprobs(graphdef, params, tokens_bt, targets_bl, target_mask_bl, *, mask_bt=None,
-                    positions_bt=None, temperature: float = 1.0, with_entropy: bool = False):
+                    positions_bt=None, temperature: float = 1.0, with_entropy: bool = False,
+                    segment_ids_bt=None):
     """Log-probs (and entropies) of the policy's next-token distributions at the last L
     positions before the end: the one scoring path of the trainers and rollouts.
 
@@ -879,7 +924,8 @@ def target_logprobs(graphdef, params, tokens_bt, targets_bl, target_mask_bl, *, 
     the backward recomputes each chunk's logits, so the [B, T, V] float32 logits are never
     held (at V = 128k-262k they dominate training memory). Same values and gradients as the
     unchunked path up to float rounding. With 0 this is exactly `apply` + `token_logprobs`
-    (+ `entropy`).
+    (+ `entropy`). segment_ids_bt: packed rows (`Transformer.hidden_states`); a target that
+    starts the next segment must be masked by the caller (the packer's loss_mask is 0 there).
     """
     net = nnx.merge(graphdef, params)
     t, n = tokens_bt.shape[1], targets_bl.shape[1]
@@ -888,12 +934,14 @@ def target_logprobs(graphdef, params, tokens_bt, targets_bl, target_mask_bl, *, 
         raise ValueError(f"{n} targets need at least {n + 1} tokens, got {t}")
     chunk = net.cfg.logits_chunk
     if not chunk:
-        logits, _ = net(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+        logits, _ = net(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt,
+                        segment_ids_bt=segment_ids_bt)
         logits = logits[:, start:-1]
         logps = token_logprobs(logits, targets_bl, target_mask_bl, temperature=temperature)
         ent = entropy(logits, target_mask_bl, temperature=temperature) if with_entropy else None
         return logps, ent
-    hidden, _ = net.hidden_states(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+    hidden, _ = net.hidden_states(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt,
+                                  segment_ids_bt=segment_ids_bt)
     weight, equation = net.unembedding()
     return chunked_logprobs(hidden[:, start:-1], weight, equation, targets_bl, target_mask_bl,
                             chunk=chunk, softcap=net.cfg.final_softcap,

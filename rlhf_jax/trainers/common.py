@@ -142,9 +142,7 @@ def mesh_line(mesh, rules, batch_size=None) -> str:
     """"mesh data=2 fsdp=4 tensor=1 (8 devices, 1 process); batch 32 = 4 per device on
     (data, fsdp); rules embed->fsdp mlp->tensor ...": what a run is sharded as."""
     shape = " ".join(f"{a}={n}" for a, n in mesh.shape.items())
-    axes = rules.get("batch") or ()
-    axes = (axes,) if isinstance(axes, str) else tuple(axes)
-    shards = int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+    axes, shards = batch_shards(mesh, rules)
     procs = jax.process_count()
     out = (f"mesh {shape} ({records.plural(mesh.size, 'device')}, {procs} "
            f"process{'es' if procs > 1 else ''})")
@@ -154,6 +152,13 @@ def mesh_line(mesh, rules, batch_size=None) -> str:
     shown = " ".join(f"{k}->{v if isinstance(v, str) else ','.join(v or ()) or '-'}"
                      for k, v in rules.items() if k != "batch")
     return out + f"; rules {shown}"
+
+
+def batch_shards(mesh, rules) -> tuple[tuple[str, ...], int]:
+    """(the mesh axes the batch is split over, how many shards that makes)."""
+    axes = rules.get("batch") or ()
+    axes = (axes,) if isinstance(axes, str) else tuple(axes)
+    return axes, int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def on_mesh(tree, mesh):
@@ -188,7 +193,7 @@ RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batc
 # checkpoint without the key was run that way.
 ADDED_KEYS = {"data.format": "plain", "norm.policy_from": "", "data.kind": "pairs",
               "data.split_pairs": False, "micro_batches": 1, "optim.state_dtype": "param",
-              "model.param_dtype": "",
+              "model.param_dtype": "", "data.packing": False,
               **{f"model.{k}": v for k, v in model.RUNTIME_DEFAULTS.items()}}
 
 
@@ -360,11 +365,45 @@ def check_micro_batches(config, rows: int, what: str) -> None:
 
 
 def batch_config(data, *, batch_size: int, seed: int, shuffle: bool = True,
-                 num_epochs=None, drop_remainder: bool = True) -> batching.BatchConfig:
+                 num_epochs=None, drop_remainder: bool = True, packing: bool = False,
+                 pack_rows_multiple: int = 1) -> batching.BatchConfig:
     return batching.BatchConfig(batch_size=batch_size, buckets=tuple(data.buckets),
                                 max_prompt_len=int(data.max_prompt_len), seed=seed,
                                 shuffle=shuffle, num_epochs=num_epochs,
-                                drop_remainder=drop_remainder)
+                                drop_remainder=drop_remainder, packing=packing,
+                                pack_rows_multiple=pack_rows_multiple)
+
+
+def refuse_packing(config, why: str) -> None:
+    """A stage (or a setting of it) that cannot train on packed rows refuses data.packing=true,
+    saying why."""
+    require(not config.data.get("packing", False),
+            f"data.packing=true is not supported {why}; set data.packing=false")
+
+
+def pack_rows_multiple(config, mesh, rules) -> int:
+    """Packed batches' row counts are multiples of this: the mesh's batch shards times
+    micro_batches, so a packed batch is placed and split as an unpacked one."""
+    return int(np.lcm(batch_shards(mesh, rules)[1], int(config.get("micro_batches", 1))))
+
+
+def count_padding(stats: batching.PaddingStats | None, host_batch: dict, stage: str) -> None:
+    """Adds a packed training batch to `stats` (None: not packing); the first is reported."""
+    if stats is not None:
+        stats.add(host_batch)
+        if stats.batches == 1:
+            packing_report(stats, stage)
+
+
+def packing_report(stats: batching.PaddingStats | None, stage: str) -> None:
+    """Prints (on process 0) and logs the padding shares of packed and unpacked batches so
+    far (`PaddingStats.line`); nothing when not packing."""
+    if stats is None:
+        return
+    line = stats.line(stage)
+    if jax.process_index() == 0:
+        print(line, flush=True)
+    logging.getLogger(__name__).info(line)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,16 +602,34 @@ def init_model(cfg: model.ModelConfig, *, kind: str, mesh, rules, seed: int,
 
 
 def sequence_logps(graphdef, params, tokens, mask, loss_mask, *, temperature: float = 1.0,
-                   with_entropy: bool = False):
+                   with_entropy: bool = False, packed: dict | None = None):
     """Per-token log-probs of tokens[:, 1:] under the policy (`model.target_logprobs`: chunked
     over positions when the model's cfg.logits_chunk > 0, so no [B, T, V] logits are held).
+    packed: `packed_inputs(batch)` of a packed batch (segment ids and positions), else None.
 
     Returns (logps [B, T-1] zero outside loss_mask[:, 1:], entropy [B, T-1] with
     with_entropy, else None).
     """
     return model.target_logprobs(graphdef, params, tokens, tokens[:, 1:], loss_mask[:, 1:],
                                  mask_bt=mask, temperature=temperature,
-                                 with_entropy=with_entropy)
+                                 with_entropy=with_entropy, **(packed or {}))
+
+
+def packed_inputs(batch: dict) -> dict | None:
+    """The model inputs of a packed batch (batching.collate_packed): {segment_ids_bt,
+    positions_bt}; None for an unpacked one."""
+    if "segment_ids" not in batch:
+        return None
+    return {"segment_ids_bt": batch["segment_ids"], "positions_bt": batch["positions"]}
+
+
+def per_sequence(values_bt, batch: dict):
+    """Sums over each packed sequence of values [R, T-1] aligned with tokens[:, 1:] (a token's
+    log-prob sits one column left of it): [N] in the unpacked order (batch["read_at"] has N
+    entries). A padding token's index N falls outside and is dropped."""
+    n = batch["read_at"].shape[0]
+    index = batch["seq_index"][:, 1:]
+    return jax.ops.segment_sum(values_bt.reshape(-1), index.reshape(-1), num_segments=n)
 
 
 # ---------------------------------------------------------------------------------------------

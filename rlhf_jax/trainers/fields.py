@@ -103,6 +103,9 @@ def data(**extra) -> dict:
         "seed": Int(ge=0, doc="testbed data seed (kept fixed across training seeds)"),
         "buckets": Tuple(Int(ge=2), min_len=1, doc="padded sequence lengths a batch can take"),
         "max_prompt_len": Int(ge=1, doc="prompts are cut to their last max_prompt_len tokens"),
+        "packing": Bool(doc="pack several training sequences per row of max(buckets) tokens, "
+                            "attention and positions kept within each (SFT, reward model, "
+                            "paired preference losses; docs/data.md)"),
         **extra,
     }
 

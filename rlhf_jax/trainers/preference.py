@@ -15,7 +15,9 @@ every loss the same inputs and the registry passes each the subset it declares:
 Chosen and rejected go through one forward pass (the [2B, T] pair batch, chosen rows first).
 The reference log-probs are computed once per batch inside the jitted step but outside the
 gradient, and not at all for reference-free losses (SimPO, ORPO). Rows with valid=0 (padding
-of a final partial batch) carry zero weight.
+of a final partial batch) carry zero weight. With data.packing=true (paired losses only) the
+chosen and rejected sequences are packed into rows and the [B] inputs above are per-segment
+sums (docs/data.md, "Sequence packing").
 
 KTO on unpaired rows (Ethayarajh et al. 2024). A name registered under the kind `unpaired_loss`
 (`pref_loss="kto(beta=0.1)"`) trains on unpaired rows instead of pairs: each a prompt, one
@@ -86,7 +88,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", kind="pairs",
         split_pairs=False, n_train=10_000, n_test=1_000, seed=0, tau=1.0, flip_rate=0.0,
-        buckets=(36,), max_prompt_len=12, batch_size=32))
+        buckets=(36,), max_prompt_len=12, batch_size=32, packing=False))
     # Tuned on the default testbed SFT model (see experiments/dpo.py, which lists the runs):
     # with beta 0.2, 32 pairs at lr 5e-4 for 80 steps gain ~0.65 SFT std at KL ~4; with beta
     # 0.1, comparable budgets reached KL 4.9-13 for gains of -0.08 to 0.69 std.
@@ -156,12 +158,19 @@ def pair_logps(graphdef, params, batch):
 
     Returns (chosen [B], rejected [B], chosen token NLL mean [B], chosen lengths [B],
     rejected lengths [B]). Lengths count completion tokens (eos included), the |y| of the
-    length-normalised losses (SimPO, ORPO, IPO).
+    length-normalised losses (SimPO, ORPO, IPO). A packed batch (data.packing) gives the same
+    [2B] sums, each over its own segment (`common.per_sequence`).
     """
+    packed = common.packed_inputs(batch)
     logps_bt, _ = common.sequence_logps(graphdef, params, batch["tokens"], batch["mask"],
-                                        batch["loss_mask"])
-    seq = jnp.sum(logps_bt, axis=-1)                                      # [2B]
-    lengths = jnp.sum(batch["loss_mask"][:, 1:], axis=-1).astype(jnp.float32)
+                                        batch["loss_mask"], packed=packed)
+    target_mask = batch["loss_mask"][:, 1:].astype(jnp.float32)
+    if packed is None:
+        seq = jnp.sum(logps_bt, axis=-1)                                  # [2B]
+        lengths = jnp.sum(target_mask, axis=-1)
+    else:
+        seq = common.per_sequence(logps_bt, batch)                        # [2B]
+        lengths = common.per_sequence(target_mask, batch)
     b = seq.shape[0] // 2
     chosen_nll = -seq[:b] / jnp.maximum(lengths[:b], 1.0)
     return seq[:b], seq[b:], chosen_nll, lengths[:b], lengths[b:]
@@ -421,6 +430,14 @@ def validate(config):
     common.check_data(config.data, batch_size=config.data.batch_size)
     check_rows(config)
     common.check_micro_batches(config, config.data.batch_size, "data.batch_size")
+    if resolve_loss(config.pref_loss)[0] != "pref_loss":
+        common.refuse_packing(config, f"with pref_loss={config.pref_loss!r}: its unpaired rows "
+                                      "come with mismatched KL rows built row by row, which "
+                                      "are not packed")
+    if config.micro_batches > 1:
+        common.refuse_packing(config, f"with micro_batches={config.micro_batches}: a packed "
+                                      "batch holds pairs across rows, which micro-batches "
+                                      "would cut apart")
     common.require(config.micro_batches == 1 or losses.splits(resolve_loss(config.pref_loss)[1]),
                    f"pref_loss={config.pref_loss!r} pairs rows across the whole batch, so "
                    "micro-batches do not add up to it; set micro_batches=1")
@@ -495,6 +512,8 @@ def train(config, workdir) -> Path:
     def records(split):
         return common.data_source(config.data, config.data.kind, split, workdir)
 
+    packing = bool(config.data.get("packing", False))
+
     def iterator(source, split, extra=(), **batch):
         return batching.make_iterator(
             source, kind=LOSS_KINDS[loss_kind], split_pairs=config.data.split_pairs,
@@ -502,7 +521,8 @@ def train(config, workdir) -> Path:
             config=common.batch_config(config.data, batch_size=config.data.batch_size,
                                        seed=config.seed, **batch), format=config.data.format)
 
-    train_it = iterator(records("train"), "train")
+    train_it = iterator(records("train"), "train", packing=packing,
+                        pack_rows_multiple=common.pack_rows_multiple(config, mesh, rules))
 
     # --- update step ------------------------------------------------------------------------
     optimizer = _optimizer(tuple(sorted(config.optim.items())), config.steps)
@@ -533,9 +553,11 @@ def train(config, workdir) -> Path:
     token_rate = metrics_lib.TokenRate()
     t_start, cpu_start, start_step = time.perf_counter(), time.process_time(), step
     bar = metrics_lib.progress(total=config.steps, initial=step, desc=config.stage)
+    padding = batching.PaddingStats(config.data.buckets) if packing else None
     while step < config.steps:
         host_batch = next(train_it)
         token_rate.add(host_batch["mask"])
+        common.count_padding(padding, host_batch, config.stage)
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, held_ref, batch,
                                              jnp.int32(step))
@@ -543,7 +565,8 @@ def train(config, workdir) -> Path:
         last = step == config.steps
         if step % config.log_every == 0 or last:
             m = metrics_lib.to_host(m)  # waits for the step, so the rate below is honest
-            values = writer.write(step, {**m, "time/tokens_per_s": token_rate.rate()})
+            values = writer.write(step, {**m, "time/tokens_per_s": token_rate.rate(),
+                                         **(padding.metrics() if padding else {})})
             common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             bar.set_postfix(metrics_lib.format_postfix(values, ["pref/loss"]))
         if step % config.save_every == 0 or last:
@@ -552,6 +575,7 @@ def train(config, workdir) -> Path:
         bar.update(1)
     bar.close()
     common.raise_if_bad(guard, values)
+    common.packing_report(padding, config.stage)
     # Wall and CPU time of this run's training steps (first-step compile included), for the
     # time budget; on a shared machine the CPU time (all threads) is the steadier number.
     results = {"time/train_wall_s": time.perf_counter() - t_start,

@@ -17,6 +17,8 @@ unless `config.steps` is set. A K-wise loss (one taking `rewards` [B, K], i.e.
 loss="plackett_luce") trains on the testbed's "rankings" lists instead (data.n_train lists of
 K = 4 responses, best first; `rankings_iterator`), all K * B rows again in one forward pass;
 its evaluation still uses the test split of the pairs, so the numbers compare across losses.
+With data.packing=true (pairwise losses) the training pairs are packed into rows and each
+sequence's reward is read at its own last token (docs/data.md, "Sequence packing").
 
 After training: reward normalisation. A Bradley–Terry model is defined up to an additive
 constant and, with early stopping, an arbitrary scale, so a KL coefficient tuned against one
@@ -71,7 +73,8 @@ def default_config() -> ml_collections.ConfigDict:
     # testbed's pairs; with source="tfds", `name` is the prepared pairs dataset.
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", n_train=10_000,
-        n_test=1_000, seed=0, tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=64))
+        n_test=1_000, seed=0, tau=1.0, flip_rate=0.0, buckets=(36,), max_prompt_len=12, batch_size=64,
+        packing=False))
     # Tuned on the default testbed run (see experiments/reward.py): lr 1e-4 stays at chance
     # after one epoch; on the default SFT model 1e-3 with decay to 0 reaches the acceptance
     # gold accuracies in one epoch, where 2e-3 and 3e-3 fall just short on far pairs.
@@ -131,6 +134,13 @@ def validate(config):
     common.require(_data_kind(config) == "pairs" or "rankings" in (source.kinds or ()),
                    f"loss={config.loss!r} trains on ranked lists, which only the review "
                    "testbed provides here; use data.source='synthetic' or a pairwise loss")
+    if _data_kind(config) != "pairs":
+        common.refuse_packing(config, f"with loss={config.loss!r}: its ranked lists are "
+                                      "batched K rows per prompt, not packed")
+    if config.micro_batches > 1:
+        common.refuse_packing(config, f"with micro_batches={config.micro_batches}: a packed "
+                                      "batch holds pairs across rows, which micro-batches "
+                                      "would cut apart")
     common.require(config.steps > 0 or config.epochs > 0,
                    f"epochs={config.epochs} must be positive when steps=0")
     common.require(config.steps > 0 or config.epochs * config.data.n_train
@@ -266,8 +276,10 @@ def train(config, workdir) -> Path:
 
     # --- data ---------------------------------------------------------------------------------
     kind = _data_kind(config)
-    train_cfg = common.batch_config(config.data, batch_size=config.data.batch_size,
-                                    seed=config.seed)
+    packing = bool(config.data.get("packing", False))    # pairs only (validate)
+    train_cfg = common.batch_config(
+        config.data, batch_size=config.data.batch_size, seed=config.seed, packing=packing,
+        pack_rows_multiple=common.pack_rows_multiple(config, mesh, rules))
     train_source = common.data_source(config.data, kind, "train", workdir)
     if kind == "pairs":
         train_it = batching.make_iterator(train_source, kind="pairs", tokenizer=tok,
@@ -287,8 +299,12 @@ def train(config, workdir) -> Path:
 
     def loss_fn(params, batch):
         # One forward pass over all K * B rows (pairs: K = 2, the B chosen rows first), then
-        # [B, K] with column k the k-th ranked response, best first.
-        r = score(params, batch["tokens"], batch["mask"])
+        # [B, K] with column k the k-th ranked response, best first. Packed rows: one reward
+        # per sequence, read at its last token, in the same order.
+        packed = common.packed_inputs(batch)
+        r = (score(params, batch["tokens"], batch["mask"]) if packed is None else
+             model.apply_reward(graphdef, params, batch["tokens"], mask_bt=batch["mask"],
+                                read_at=batch["read_at"], **packed))
         b = batch["valid"].shape[0]
         rewards_bk = r.reshape(r.shape[0] // b, b).T
         return registry.call(loss_spec, chosen_rewards=rewards_bk[:, 0],
@@ -332,10 +348,12 @@ def train(config, workdir) -> Path:
     values = None
     bar = metrics_lib.progress(total=steps, initial=step, desc="rm")
     token_rate = metrics_lib.TokenRate()
+    padding = batching.PaddingStats(config.data.buckets) if packing else None
     t0 = time.perf_counter()
     while step < steps:
         host_batch = next(train_it)
         token_rate.add(host_batch["mask"])
+        common.count_padding(padding, host_batch, STAGE)
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
         step += 1
@@ -343,7 +361,8 @@ def train(config, workdir) -> Path:
         if step % config.log_every == 0 or last:
             m = metrics_lib.to_host(m)  # waits for the step, so the rate below is honest
             values = writer.write(step, {**m, "rm/epoch": train_it.epoch,
-                                         "time/tokens_per_s": token_rate.rate()})
+                                         "time/tokens_per_s": token_rate.rate(),
+                                         **(padding.metrics() if padding else {})})
             common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             bar.set_postfix(metrics_lib.format_postfix(
                 values, ["rm/loss", "rm/accuracy", "rm/pairwise_accuracy"]))
@@ -354,6 +373,7 @@ def train(config, workdir) -> Path:
         bar.update(1)
     bar.close()
     common.raise_if_bad(guard, values)
+    common.packing_report(padding, STAGE)
     train_seconds = time.perf_counter() - t0
 
     # --- normalisation on SFT samples (Ziegler et al. 2019 sec. 2.2) --------------------------

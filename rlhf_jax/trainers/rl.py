@@ -52,7 +52,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict(fields.RUNTIME_MODEL_DEFAULTS)
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", n_train=4_000, n_test=500, seed=0,
-        buckets=(12,), max_prompt_len=11))
+        buckets=(12,), max_prompt_len=11, packing=False))
     c.rollout = ml_collections.ConfigDict(dict(
         prompts_per_step=64, samples_per_prompt=1, max_new_tokens=24, temperature=1.0,
         mask_truncated=False, dynamic_sampling=False, max_draws=4))
@@ -159,6 +159,8 @@ def validate(config) -> int:
     schema.check(config, SCHEMA)
     r = config.rollout
     common.check_data(config.data, batch_size=r.prompts_per_step)
+    common.refuse_packing(config, "by the RL trainer: its rows are prompts that generation "
+                                  "extends in place, one per row")
     sources_used = rewards_lib.names(config.reward)
     common.require("model" in sources_used or not config.reward_from,
                    f"reward_from is not used with reward={config.reward!r}; leave it empty or "

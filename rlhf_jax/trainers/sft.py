@@ -5,6 +5,9 @@
 Re-running in the same workdir resumes from the latest checkpoint and ends with the same
 parameters as an uninterrupted run. The checkpoint carries the model config and tokenizer,
 which is all the next stage (reward model, DPO, PPO) needs besides the parameters.
+
+With data.packing=true the training batches are packed rows (docs/data.md, "Sequence
+packing"): the same examples and the same token loss, fewer padding tokens.
 """
 
 from pathlib import Path
@@ -34,7 +37,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", name="", data_dir="", format="plain", tokenizer="", n_train=20_000,
-        n_test=1_000, seed=0, buckets=(36,), max_prompt_len=12, batch_size=64))
+        n_test=1_000, seed=0, buckets=(36,), max_prompt_len=12, batch_size=64,
+        packing=False))
     c.optim = common.optim_config(lr=3e-3, warmup_steps=30)
     c.steps = 600
     c.micro_batches = 1         # gradient accumulation (trainers/accumulate.py); 1 = off
@@ -123,19 +127,22 @@ def train(config, workdir) -> Path:
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but model.max_len is "
                    f"{model_cfg.max_len}; raise model.max_len or lower the buckets")
+    packing = bool(config.data.get("packing", False))
     train_it = batching.make_iterator(
         common.data_source(config.data, "sft", "train", workdir), kind="sft", tokenizer=tok,
-        config=common.batch_config(config.data, batch_size=config.data.batch_size,
-                                   seed=config.seed), name="sft/train",
-        format=config.data.format)
+        config=common.batch_config(
+            config.data, batch_size=config.data.batch_size, seed=config.seed, packing=packing,
+            pack_rows_multiple=common.pack_rows_multiple(config, mesh, rules)),
+        name="sft/train", format=config.data.format)
 
     # --- model, optimizer, update step ------------------------------------------------------
     optimizer = common.make_optimizer(config.optim, config.steps)
     opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
     def loss_fn(params, batch, normalizer=None):
+        # Packed rows (data.packing): the same token sum over the same token count.
         logps, _ = common.sequence_logps(graphdef, params, batch["tokens"], batch["mask"],
-                                         batch["loss_mask"])
+                                         batch["loss_mask"], packed=common.packed_inputs(batch))
         return aggregate(-logps, batch["loss_mask"][:, 1:], "token_mean",
                          normalizer=normalizer)
 
@@ -146,11 +153,12 @@ def train(config, workdir) -> Path:
             loss, grads = jax.value_and_grad(loss_fn)(params, batch)
         else:
             # Each micro-batch's token sum over the whole batch's token count (accumulate.py).
-            used = {key: batch[key] for key in ("tokens", "mask", "loss_mask")}
+            used = {key: batch[key] for key in ("tokens", "mask", "loss_mask", "segment_ids",
+                                                "positions") if key in batch}
             den = denominator(batch["loss_mask"][:, 1:], "token_mean")
             (loss, _), grads = accumulate.grads(
                 lambda p, mb, d: (loss_fn(p, mb, d), {}), params,
-                accumulate.split(used, k, config.data.batch_size), den)
+                accumulate.split(used, k, batch["tokens"].shape[0]), den)
         params, opt_state, guard, grad_norm = common.guarded_apply(
             optimizer, params, opt_state, grads, loss, guard, step)
         return params, opt_state, guard, {"sft/loss": loss, "sft/grad_norm": grad_norm}
@@ -179,16 +187,19 @@ def train(config, workdir) -> Path:
     values = None
     bar = metrics_lib.progress(total=config.steps, initial=step, desc="sft")
     token_rate = metrics_lib.TokenRate()
+    padding = batching.PaddingStats(config.data.buckets) if packing else None
     while step < config.steps:
         host_batch = next(train_it)
         token_rate.add(host_batch["mask"])
+        common.count_padding(padding, host_batch, STAGE)
         batch = common.place_batch(host_batch, mesh, rules)
         params, opt_state, guard, m = update(params, opt_state, guard, batch, jnp.int32(step))
         step += 1
         last = step == config.steps
         if step % config.log_every == 0 or last:
             m = metrics_lib.to_host(m)  # waits for the step, so the rate below is honest
-            values = writer.write(step, {**m, "time/tokens_per_s": token_rate.rate()})
+            values = writer.write(step, {**m, "time/tokens_per_s": token_rate.rate(),
+                                         **(padding.metrics() if padding else {})})
             common.raise_if_bad(guard, values)   # a host sync anyway: stop early
             bar.set_postfix(metrics_lib.format_postfix(values, ["sft/loss"]))
         if step % config.save_every == 0 or last:
@@ -197,6 +208,7 @@ def train(config, workdir) -> Path:
         bar.update(1)
     bar.close()
     common.raise_if_bad(guard, values)
+    common.packing_report(padding, STAGE)
 
     # --- eval: held-out completion NLL --------------------------------------------------------
     if config.eval_batches:
