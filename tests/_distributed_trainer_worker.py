@@ -9,12 +9,13 @@
         a user's launch sets them); both work in OUT/dist, as hosts share a file system.
 
 Either runs the stages STAGES in turn, with the configs of tests/_trainers_mesh_worker.py
-(d_model 32, one layer, 2-4 steps) on the meshes MESHES (one device for the reference). Per stage
-and process it writes OUT/<run>/<stage>.p<I>.npz: the parameters the stage's last jitted
-update step returned, as this process holds them, one entry per addressable shard
-("<path>@<index>@<shape>", e.g. "['embed']['embedding'].value@0:281,0:8@281,32"), so the test
-sees each process's own replicas; then OUT/<run>/<stage>.p<I>.done, or .error with the traceback. The
-stage's metrics and checkpoints are its own (written by the trainers).
+(d_model 32, one layer, 2-4 steps) plus held-out evaluations, on the meshes MESHES (one device
+for the reference). Per stage and process it writes OUT/<run>/<stage>.p<I>.npz: the
+parameters the stage's last jitted update step returned (PPO's critic too), as this process
+holds them, one entry per addressable shard ("<path>@<index>@<shape>", e.g.
+"['embed']['embedding'].value@0:281,0:8@281,32"), so the test sees each process's own
+replicas; then OUT/<run>/<stage>.p<I>.done, or .error with the traceback. The stage's metrics
+and checkpoints are the trainer's own.
 """
 
 import functools
@@ -73,15 +74,20 @@ def install_update_hook():
 
 
 def local_shards(tree) -> dict:
-    """{"<path>@<index>@<global shape>": host copy} for every shard of `tree` this process holds (one per
-    distinct index: the replicas on this process's own devices are one array in XLA)."""
+    """{"<path>@<index>@<global shape>": host copy} for every block of `tree` this process
+    holds; replicas of a block on this process's devices must be bitwise equal."""
     import numpy as np
     out = {}
     for path, x in mesh_worker._arrays(tree):
         for shard in x.addressable_shards:
             index = ",".join(f"{s.start or 0}:{x.shape[d] if s.stop is None else s.stop}"
                              for d, s in enumerate(shard.index))
-            out[f"{path}@{index}@{','.join(map(str, x.shape))}"] = np.asarray(shard.data)
+            key = f"{path}@{index}@{','.join(map(str, x.shape))}"
+            data = np.asarray(shard.data)
+            if key in out and not np.array_equal(out[key], data):
+                raise AssertionError(f"{key}: the replicas on {shard.device} and another "
+                                     "device of this process differ")
+            out[key] = data
     return out
 
 
@@ -93,6 +99,14 @@ def main(out: Path, data_dir: Path, run: str):
         shape = MESHES[name] if run == "dist" else (1, 1, 1)
         config = mesh_worker.stage_config(name, data_dir, shape, workdir)
         config.mesh.distributed = run == "dist"
+        # The held-out evaluations too, which read batch-split samples and scores back to
+        # the host: DPO's on one batch, PPO's at the start and the end on 32 prompts (the
+        # rollouts' row count, so they reuse the compiled sampler).
+        if name == "dpo":
+            config.eval_batches = 1
+        elif name == "ppo":
+            config.data.n_test = 32
+            config.update(eval_every=config.steps, eval_prompts=32)
         tag = workdir / f"{name}.p{pid}"
         LAST_UPDATE.clear()
         t0, c0 = time.perf_counter(), time.process_time()

@@ -7,19 +7,23 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID as a user's launch 
 tests/_trainers_mesh_worker.py (d_model 32, one layer, 2-4 steps) in one shared workdir on
 meshes over their 8 devices: SFT on (data, fsdp, tensor) = (1, 8, 1) (FSDP across the
 processes), then the reward model, DPO (a frozen reference read from the SFT checkpoint the two
-processes wrote) and PPO (a critic, the reward model, sampling) on (2, 4, 1). A third process
-runs the same chain on one device. Checked per stage:
+processes wrote) and PPO (a critic, the reward model, sampling) on (2, 4, 1), with DPO's and
+PPO's held-out evaluations. A third process runs the same chain on one device. Checked per
+stage:
   - the logged metrics of every step and the parameters the last update step returned equal
     the one-device run's, within test_trainers_mesh.py's float32 tolerances;
-  - both processes end with the same parameters: every shard both hold is bitwise equal, and
-    together they hold all of every parameter;
+  - both processes end with the same parameters: every block both hold (and every replica
+    on one process's devices) is bitwise equal, and together they hold all of every
+    parameter;
   - process 0 alone writes the metrics (one line per logged step, one TensorBoard event file)
     and prints the mesh line; the checkpoints the two processes wrote are the steps the
     one-device run wrote, and their parameters, read back in this one process on one device,
     match the one-device run's.
 
-Cost: ~40 s of CPU per distributed process and ~20 s for the reference, mostly compilation
-(PPO half of it); about a minute of wall on two otherwise idle cores (measured 2026-11-30).
+Cost (measured 2026-11-30): ~45 s of CPU per distributed process (PPO ~21 s of it, SFT with
+FSDP across the processes ~9 s) and ~20 s for the reference, mostly compilation; ~90 s of wall
+on two cores, as the two processes of the distributed run wait for each other at every
+collective while they share the cores with the reference.
 """
 
 import importlib.util
@@ -69,7 +73,6 @@ def out(tmp_path_factory):
     out = tmp_path_factory.mktemp("distributed_trainer")
     env = dict(os.environ)
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    env.pop("XLA_FLAGS", None)
     port = _free_port()
     runs = {"ref": {}}
     for pid in range(2):
