@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rlhf_jax import rewards as rewards_lib, rollout
+from rlhf_jax import rewards as rewards_lib, rollout, sharding
 
 
 class Evaluator:
@@ -123,7 +123,7 @@ class Evaluator:
             got = {name: r[key] for name, key in self._KEYS.items() if key in r}
             if self.gold_terms:
                 got["gold"] = rewards_lib.total(self.gold_terms, r)
-            out.append(jax.device_get(got))
+            out.append(sharding.device_get(got))
         return {k: np.concatenate([np.asarray(o[k]) for o in out])[:total] for k in out[0]}
 
     def policy_metrics(self, params, rng, *, n: int = 1) -> dict[str, float]:

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rlhf_jax import kl as kl_lib
-from rlhf_jax import model, registry, rewards as rewards_lib, sampling
+from rlhf_jax import model, registry, rewards as rewards_lib, sampling, sharding
 
 
 def join(prompt_tokens, prompt_mask, completion, completion_mask):
@@ -135,7 +135,7 @@ def score(*, graphdef, terms, params: dict, prompt, prompt_mask, completion, com
             raise ValueError("a text reward needs the tokenizer to decode completions")
         # Timed from when the completions are on the host: the wait for the device is not
         # the reward's cost.
-        tokens, mask = jax.device_get((completion, out["completion_mask"]))
+        tokens, mask = sharding.device_get((completion, out["completion_mask"]))
         t0 = time.perf_counter()
         texts = tokenizer.decode_batch(np.where(mask > 0, tokens, tokenizer.pad_id))
         for t in host_terms:

@@ -310,6 +310,28 @@ def shard_batch(batch, mesh: Mesh, rules: Mapping[str, Any] | None = None):
 # ----------------------------------------------------------------------------------------------
 
 
+def device_get(tree):
+    """`jax.device_get` that works in every process of a multi-host run.
+
+    An array split over several processes' devices (a batch's completions or scores on a mesh
+    whose data x fsdp spans hosts) cannot be read by one process alone: `np.asarray` and
+    `jax.device_get` raise. Such arrays are first all-gathered (one collective each, so every
+    process must call this at the same point, as they all run the same steps); arrays a
+    process holds whole, replicated ones included, are copied as they are. Single process:
+    `jax.device_get` itself.
+    """
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if isinstance(x, jax.Array) and not (x.is_fully_addressable or x.is_fully_replicated):
+            return multihost_utils.process_allgather(x, tiled=True)
+        return jax.device_get(x)
+
+    return jax.tree.map(one, tree)
+
+
 def initialize_distributed(config=None) -> bool:
     """Call `jax.distributed.initialize` for multi-host runs; skip it for single-host runs.
 

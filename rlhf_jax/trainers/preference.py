@@ -64,7 +64,7 @@ import ml_collections
 import numpy as np
 
 from rlhf_jax import checkpoint, evaluation, losses, metrics as metrics_lib, registry, schema
-from rlhf_jax import rewards as rewards_lib
+from rlhf_jax import rewards as rewards_lib, sharding
 from rlhf_jax.data import batching
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import accumulate, common, fields
@@ -642,7 +642,7 @@ def _pair_eval(eval_terms, params, ref_params, test_it, max_batches, mesh, rules
             break
         batch = common.place_batch({k: v for k, v in host.items()
                                     if k not in ("gold_chosen", "gold_rejected")}, mesh, rules)
-        m = jax.device_get(eval_terms(params, ref_params, batch)[1])   # {name: [B]}
+        m = sharding.device_get(eval_terms(params, ref_params, batch)[1])   # {name: [B]}
         valid = np.asarray(host["valid"]).astype(bool)
         for k, v in m.items():
             sums[k] = sums.get(k, 0.0) + float(np.sum(np.asarray(v)[valid]))
@@ -687,7 +687,8 @@ def _unpaired_eval(eval_terms, params, ref_params, test_it, max_batches, mesh, r
         if i >= max_batches:
             break
         rows = float(np.sum(host["valid"]))
-        m = jax.device_get(eval_terms(params, ref_params, common.place_batch(host, mesh, rules)))
+        m = sharding.device_get(eval_terms(params, ref_params,
+                                           common.place_batch(host, mesh, rules)))
         for k, v in m.items():   # batch means over real rows: weighted, they add up
             sums[k] = sums.get(k, 0.0) + rows * float(v)
         n += rows

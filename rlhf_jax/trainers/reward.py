@@ -53,7 +53,7 @@ import ml_collections
 import numpy as np
 from flax import nnx
 
-from rlhf_jax import checkpoint, hf, metrics as metrics_lib, model, registry, schema
+from rlhf_jax import checkpoint, hf, metrics as metrics_lib, model, registry, schema, sharding
 from rlhf_jax import rewards as rewards_lib, rollout
 from rlhf_jax.data import batching, records
 from rlhf_jax.trainers import accumulate, common, fields
@@ -388,14 +388,14 @@ def train(config, workdir) -> Path:
     samples = sample_policy(config, workdir, (policy_graphdef, policy_params), tok, mesh, rules)
     sample_batches = [common.place_batch({"tokens": t, "mask": m}, mesh, rules)
                       for t, m in zip(samples["tokens"], samples["mask"])]
-    raw = np.concatenate([np.asarray(score_jit(params, b["tokens"], b["mask"]))
+    raw = np.concatenate([sharding.device_get(score_jit(params, b["tokens"], b["mask"]))
                           for b in sample_batches])
     mean, std = float(raw.mean()), float(raw.std())
     common.require(std > 0, "the reward model gives every SFT sample the same score; it cannot "
                             "be normalised (check the training metrics in rm/metrics.jsonl)")
     gain, bias = 1.0 / std, -mean / std
     params = common.on_mesh(fold_normalization(params, gain, bias), mesh)
-    after = np.concatenate([np.asarray(score_jit(params, b["tokens"], b["mask"]))
+    after = np.concatenate([sharding.device_get(score_jit(params, b["tokens"], b["mask"]))
                             for b in sample_batches])
     norm = {"rm/norm_gain": gain, "rm/norm_bias": bias, "rm/norm_mean_before": mean,
             "rm/norm_std_before": std, "rm/norm_mean_after": float(after.mean()),
@@ -418,7 +418,7 @@ def train(config, workdir) -> Path:
         if config.eval_batches and i >= config.eval_batches:
             break
         batch = common.place_batch(host_batch, mesh, rules)
-        r = np.asarray(score_jit(params, batch["tokens"], batch["mask"]))
+        r = sharding.device_get(score_jit(params, batch["tokens"], batch["mask"]))
         b = r.shape[0] // 2
         cols["rc"].append(r[:b])
         cols["rr"].append(r[b:])
@@ -479,10 +479,10 @@ def sample_policy(config, workdir, policy, tok, mesh, rules) -> dict:
             max_new_tokens=new_tokens, temperature=float(norm.temperature),
             stop_ids=tok.stop_ids, pad_id=tok.pad_id, tokenizer=tok,
             fields={k: host[k] for k in text_fields})
-        tokens.append(np.asarray(r["seq"]))
-        masks.append(np.asarray(r["seq_mask"]))
+        tokens.append(sharding.device_get(r["seq"]))
+        masks.append(sharding.device_get(r["seq_mask"]))
         if gold is not None:
-            golds.append(np.asarray(rewards_lib.total(monitor, r)))
+            golds.append(sharding.device_get(rewards_lib.total(monitor, r)))
         n += r["seq"].shape[0]
     # The last batch may overshoot n_samples; keep every sample (they are all from the policy).
     return {"tokens": tokens, "mask": masks,

@@ -263,7 +263,8 @@ def dynamic_sample(draw, key, *, group: int, n_groups: int, max_draws: int,
         r = draw(jax.random.fold_in(key, drawn))
         drawn += 1
         # The score the policy optimises, before KL shaping (the reward and the EOS penalty).
-        scores = np.asarray(r["reward"]) - penalty * (~np.asarray(r["eos"])).astype(np.float32)
+        got = sharding.device_get({"reward": r["reward"], "eos": r["eos"]})
+        scores = got["reward"] - penalty * (~got["eos"]).astype(np.float32)
         by_group = scores.reshape(-1, group)
         varied = np.max(by_group, axis=1) > np.min(by_group, axis=1)
         for g in range(by_group.shape[0]):
@@ -501,9 +502,10 @@ def train(config, workdir) -> Path:
 
     # --- checkpoint: resume ------------------------------------------------------------------------
     # Replicated on the mesh, so that a key restored onto it is too (a key on one device
-    # would not combine with the mesh in the first rollout after a resume).
-    rng = jax.device_put(jax.random.key(config.seed),
-                         jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()))
+    # would not combine with the mesh in the first rollout after a resume). Made by a jit with
+    # that output sharding: device_put cannot move a key onto devices of other processes.
+    rng = jax.jit(lambda: jax.random.key(config.seed), out_shardings=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))()
     kl_state = kl_lib.init_controller(config.kl.coef)
     guard = common.init_guard()
     ckpt = checkpoint.Checkpointer(stage_dir, max_to_keep=config.keep,
@@ -645,7 +647,7 @@ def train(config, workdir) -> Path:
         if log_now:
             values = jax.device_get(m)
             t2 = time.perf_counter()
-            tokens = float(np.sum(np.asarray(completion_mask)))
+            tokens = float(np.sum(sharding.device_get(completion_mask)))
             if "time/reward_host_s" in rollout:
                 values["time/reward_host_s"] = rollout["time/reward_host_s"]
             values.update({"time/rollout_s": t1 - t0, "time/update_s": t2 - t1,
