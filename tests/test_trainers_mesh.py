@@ -1,8 +1,8 @@
 """Every trainer on meshes of 8 simulated CPU devices against its single-device run.
 
-SFT -> reward model -> DPO, PPO (with a critic) and GRPO, chained in one workdir per mesh, at
-a tiny size (d_model 32, one layer, 2-4 steps; tests/_trainers_mesh_worker.py), on one device
-and on the meshes (data, fsdp, tensor) = (8,1,1), (2,4,1) and (1,4,2). Checked per stage and
+SFT -> reward model -> DPO (also with data.packing), PPO (with a critic) and GRPO, chained in
+one workdir per mesh, at a tiny size (d_model 32, one layer, 2-4 steps;
+tests/_trainers_mesh_worker.py), on one device and on the meshes (data, fsdp, tensor) = (8,1,1), (2,4,1) and (1,4,2). Checked per stage and
 mesh:
   - the logged metrics of every step and the parameters the last update step returned (the
     critic's too) equal the single-device run's within float32 tolerance;
@@ -54,6 +54,7 @@ STEPS = {
     "sft": ("update",),
     "rm": ("update", "reward.train.<locals>.score", "sampling._generate", "rollout._scorer"),
     "dpo": ("update",),
+    "dpo_packed": ("update",),
     "ppo": ("update", "make_targets", "sampling._generate", "rollout._scorer"),
     "grpo": ("update", "make_targets", "sampling._generate", "rollout._scorer"),
 }
@@ -99,6 +100,15 @@ def max_temp_share(mesh: str) -> float:
     data, fsdp, _ = (int(n) for n in mesh.split(","))
     return max(MAX_TEMP_SHARE, 1.25 / (data * fsdp))
 
+
+# A packed stage's batches have as many rows as their sequences fill, rounded up to a multiple
+# of the mesh's batch shards (docs/data.md, "Sequence packing"): the row count, the padding
+# share it logs and the update's program depend on the mesh, and each row count compiles the
+# update once. So it is compared on its losses and parameters, its batch split and its state
+# layouts, but not on compilations, data/padding_packed, or FLOPs and memory against one device.
+PACKED = ("dpo_packed",)
+UNPACKED = tuple(s for s in STAGES if s not in PACKED)
+MESH_DEPENDENT = ("data/padding_packed",)
 
 # --- known bugs: {(stage, mesh): reason}, each a strict xfail (none known today) ------------
 
@@ -195,8 +205,9 @@ def _compare(stage, got, ref, what, steps=None):
     worst = (0.0, "-")
     for s in steps:
         for key, want in ref_metrics[s].items():
-            if key in ("step", "time") or key.startswith("time/") or "seconds" in key:
-                continue                                   # wall-clock times
+            if key in ("step", "time") or key.startswith("time/") or "seconds" in key \
+                    or key in MESH_DEPENDENT:
+                continue                                   # wall-clock times; mesh-dependent
             assert key in metrics[s], f"{what}: step {s} has no {key}"
             have = metrics[s][key]
             np.testing.assert_allclose(have, want, rtol=METRIC_RTOL,
@@ -249,11 +260,11 @@ def test_update_keeps_the_state_sharding_and_compiles_once(out, stage, mesh):
         f"{stage} on ({mesh}): {len(report['state_problems'])} leaves changed sharding in " \
         f"the update, e.g. {report['state_problems'][:3]}"
     again = {name: c["recompiles"][:1] for name, c in report["calls"].items()
-             if c["compiles"] > 1}
+             if c["compiles"] > 1 and not (stage in PACKED and name.endswith("update"))}
     assert not again, f"{stage} on ({mesh}) compiled again: {again}"
 
 
-@pytest.mark.parametrize("stage,mesh", _cases(KNOWN_FLOPS))
+@pytest.mark.parametrize("stage,mesh", _cases(KNOWN_FLOPS, first=UNPACKED))
 def test_update_step_splits_the_work(out, stage, mesh):
     """One device runs about 1/8 of the update's FLOPs: the batch is not silently replicated
     inside the step."""
@@ -263,7 +274,7 @@ def test_update_step_splits_the_work(out, stage, mesh):
     assert share <= MAX_FLOPS_SHARE, f"{stage} on ({mesh}): {share:.3f} of one device's FLOPs"
 
 
-@pytest.mark.parametrize("stage,mesh", _cases(KNOWN_TEMP))
+@pytest.mark.parametrize("stage,mesh", _cases(KNOWN_TEMP, first=UNPACKED))
 def test_update_step_splits_the_activations(out, stage, mesh):
     """One device holds about 1/8 of the update's temporaries (activations and gradients);
     on (1,4,2), whose batch splits 4 ways, at most ~1/4."""
