@@ -64,6 +64,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.init_from = ""            # the SFT stage directory; "" = WORKDIR/sft
     c.loss = "bradley_terry"    # a reward_loss registry spec, e.g. "bradley_terry(margin=0.5)"
+    c.lora = ""                 # LoRA adapters on the backbone (the head trains whole); "" = off
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
     c.model = ml_collections.ConfigDict(dict(remat="none", logits_chunk=0, attention="einsum"))
@@ -97,6 +98,7 @@ SCHEMA = {
     "loss": schema.Spec("reward_loss"),
     "mesh": fields.MESH,
     "model": fields.RUNTIME_MODEL,
+    "lora": fields.LORA,
     "data": fields.data(tau=fields.TAU, flip_rate=fields.FLIP_RATE,
                         batch_size=fields.BATCH_SIZE),
     "optim": fields.OPTIM,
@@ -259,6 +261,10 @@ def train(config, workdir) -> Path:
         init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed, new_head=True,
         runtime=common.runtime(config))
     sources = {"init_from": init_meta["source"]}   # a resumption must start from the same SFT
+    # With lora: adapters on the backbone; the head trains whole.
+    graphdef, params, model_cfg = common.add_adapters(
+        graphdef, params, model_cfg, config, kind="reward", mesh=mesh, rules=rules,
+        seed=config.seed)
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
                    f"max_len is {model_cfg.max_len}; lower data.buckets")
@@ -278,7 +284,7 @@ def train(config, workdir) -> Path:
 
     # --- update step --------------------------------------------------------------------------
     loss_spec = registry.get("reward_loss", config.loss)
-    optimizer = common.make_optimizer(config.optim, steps)
+    optimizer = common.make_optimizer(config.optim, steps, lora=bool(config.lora))
     opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
     def score(params, tokens, mask):
@@ -309,7 +315,7 @@ def train(config, workdir) -> Path:
             optimizer, params, opt_state, grads, loss, guard, step)
         return params, opt_state, guard, {**m, "rm/total_loss": loss, "rm/grad_norm": grad_norm}
 
-    update = jax.jit(update, donate_argnums=(0, 1))
+    update = common.jit_update(update)
     score_jit = jax.jit(score)
 
     # --- checkpoint: resume -------------------------------------------------------------------
@@ -323,7 +329,8 @@ def train(config, workdir) -> Path:
                                  extra={"data_state": train_it.get_state(),
                                         "model_kind": "reward", "init_from": str(init_from),
                                         **(extra or {})})
-        ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+        common.save_checkpoint(ckpt, step, params=params, train={"opt": opt_state}, meta=meta,
+                               force=force)
 
     # --- loop ---------------------------------------------------------------------------------
     params, opt_state, guard = common.on_mesh((params, opt_state, guard), mesh)
