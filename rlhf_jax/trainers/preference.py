@@ -12,6 +12,10 @@ every loss the same inputs and the registry passes each the subset it declares:
     chosen_lengths, rejected_lengths             [B] number of completion tokens
     chosen_nll                                   [B] mean token NLL of the chosen completion
 
+With `config.lora` the policy trains LoRA adapters on the frozen SFT weights, and the
+reference is the policy with its adapters off (`model.adapters_off`): one copy of the weights,
+the reference log-probs those of the SFT model bitwise (docs/model.md, "LoRA").
+
 Chosen and rejected go through one forward pass (the [2B, T] pair batch, chosen rows first).
 The reference log-probs are computed once per batch inside the jitted step but outside the
 gradient, and not at all for reference-free losses (SimPO, ORPO). Rows with valid=0 (padding

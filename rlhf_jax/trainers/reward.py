@@ -7,7 +7,8 @@ Where it starts. `config.init_from` names the SFT stage directory; empty means W
 directory `sft.train` writes in the same workdir. The backbone is copied from that policy and a
 fresh scalar head is added (`common.load_stage(..., kind="reward", new_head=True)`; Ouyang et
 al. 2022 sec. 3.5, Ziegler et al. 2019 sec. 2.2: the reward model starts from the supervised
-policy).
+policy). With `config.lora` the backbone is frozen and trains LoRA adapters, the head whole
+(docs/model.md, "LoRA").
 
 What it trains. `config.loss` is a "reward_loss" registry spec: "bradley_terry" (default) or
 "bradley_terry(margin=0.5)" for a fixed margin m in -log sigmoid(r+ - r- - m). The pairs batch

@@ -21,6 +21,10 @@ Algorithms are configs, not code paths: PPO = gae + ppo_clip + KL in the reward;
 ppo_clip + KL in the loss + G > 1; RLOO = rloo + reinforce + G > 1; rejection-sampling
 fine-tuning (best-of-n completions fed back to SFT) = best_of_n + reinforce + G > 1, without
 KL penalty or whitening (experiments/rsft.py).
+
+With `config.lora` the policy and the critic train LoRA adapters (the critic's value head
+whole) on frozen weights, and the reference is the policy with its adapters off: one copy of
+the SFT weights (docs/model.md, "LoRA").
 """
 
 import time

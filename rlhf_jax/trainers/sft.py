@@ -4,7 +4,9 @@
 
 Re-running in the same workdir resumes from the latest checkpoint and ends with the same
 parameters as an uninterrupted run. The checkpoint carries the model config and tokenizer,
-which is all the next stage (reward model, DPO, PPO) needs besides the parameters.
+which is all the next stage (reward model, DPO, PPO) needs besides the parameters. With
+`config.lora` the init_from model is frozen and LoRA adapters train on it; the checkpoint
+holds the adapters and loads merged (docs/model.md, "LoRA").
 """
 
 from pathlib import Path
