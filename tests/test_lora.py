@@ -331,7 +331,10 @@ def test_ppo_trains_adapters_on_the_policy_and_the_critic(base):
 def test_reward_model_trains_adapters_and_its_head(base):
     config = _cfg(rm_exp, base, steps=3, save_every=3, lora=SPEC, init_from=base / "sft")
     stage = rm_exp.main(config, base / "rm_lora")
-    _check_lora_stage(stage, base / "sft", kind="reward")
-    # The merged reward model scores like the trained one: its normalised head is in it.
+    merged = _check_lora_stage(stage, base / "sft", kind="reward")
+    # The loaded reward model has the trained, normalised head (the last checkpoint's).
+    _, part = _adapters(stage)
+    for k in ("kernel", "bias"):
+        np.testing.assert_array_equal(merged["head"][k], np.asarray(part["head"][k]))
     final = read_metrics(stage)[-1]
     assert math.isfinite(final["rm/eval_accuracy"]) and abs(final["rm/norm_mean_after"]) < 1e-4
