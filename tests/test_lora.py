@@ -7,6 +7,7 @@ a LoRA stage resumes bitwise; bad specs are one-line config errors."""
 import functools
 import json
 import math
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ from experiments import reward as rm_exp
 from experiments import sft as sft_exp
 from rlhf_jax import checkpoint, experiment, hf, model, registry, sharding
 from rlhf_jax.checkpoint import complete_steps
-from rlhf_jax.errors import ConfigError
+from rlhf_jax.errors import CheckpointError, ConfigError
 from rlhf_jax.metrics import read_metrics
 from rlhf_jax.trainers import common, sft
 from tools import export_hf
@@ -295,6 +296,19 @@ def test_an_interrupted_lora_stage_resumes_bitwise(base, sft_lora, monkeypatch):
     (_, a), (_, b) = _adapters(straight), _adapters(resumed)
     for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
         np.testing.assert_array_equal(x, y)
+
+
+def test_a_lora_stage_whose_base_now_holds_other_weights_is_refused(base, sft_lora, tmp_path):
+    shutil.copytree(base / "sft", tmp_path / "sft")
+    config = _cfg(sft_exp, base, steps=1, save_every=1, eval_batches=0,
+                  init_from=tmp_path / "sft", lora=SPEC)
+    stage = sft.train(config, tmp_path / "l")
+    common.load_stage(stage)
+    shutil.rmtree(tmp_path / "sft")      # another checkpoint where the base was
+    shutil.copytree(sft_lora[1], tmp_path / "sft")
+    with pytest.raises(CheckpointError, match="holds LoRA adapters of") as e:
+        common.load_stage(stage)
+    assert "\n" not in str(e.value)
 
 
 def test_dpo_reference_is_the_base_and_export_merges(base, tmp_path):
