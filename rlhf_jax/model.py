@@ -25,6 +25,8 @@ Parameter paths are regular, so `hf.py` maps them to and from Hugging Face check
     layers_{i}/mlp_post_norm/scale      [D]                             post_norms only
     final_norm/scale (/bias)            [D]
     lm_head/kernel                      [D, V]      (embed, vocab)      untied embeddings only
+    .../{q,k,v,o,gate,up,down}_proj/lora_a  [*in, r]  (in axes, lora)   LoRA (lora_targets) only
+    .../{q,k,v,o,gate,up,down}_proj/lora_b  [r, *out] (lora, out axes)
 
 Axis letters: B batch, T tokens (queries), S key/cache length, D model width, V vocab, H query
 heads, G kv heads (grouped-query attention), K head dim, F feed-forward width, L max length.
@@ -41,13 +43,13 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from rlhf_jax import sharding
+from rlhf_jax import registry, schema, sharding
 from rlhf_jax.aggregation import last_token_index
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.losses import token_entropy
 
 # The logical axis vocabulary. `sharding.DEFAULT_RULES` maps each to a mesh axis or None.
-LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "kv", "norm", "pos")
+LOGICAL_AXES = ("vocab", "embed", "mlp", "heads", "kv_heads", "kv", "norm", "pos", "lora")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # The family options of ModelConfig (the config schema reads them from here).
@@ -64,6 +66,13 @@ REMAT_POLICIES = {"none": None, "full": jax.checkpoint_policies.nothing_saveable
                   "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 ATTENTIONS = ("einsum", "dot_product", "cudnn")
 RUNTIME_FIELDS = ("remat", "logits_chunk", "attention")
+# LoRA (Hu et al. 2021): the projections a `lora_targets` name puts adapters on ("mlp" = all of
+# the MLP's), and the names of the adapter parameters of a DenseGeneral.
+LORA_TARGETS = {"q": ("q",), "k": ("k",), "v": ("v",), "o": ("o",), "gate": ("gate",),
+                "up": ("up",), "down": ("down",), "mlp": ("gate", "up", "down")}
+ADAPTER_KEYS = ("lora_a", "lora_b")
+# Parameters trained beside the adapters of a LoRA model: the reward and value heads.
+HEAD_KEYS = ("head",)
 
 
 def _dtype(name_or_dtype):
@@ -141,10 +150,15 @@ class ModelConfig:
     remat: str = "none"          # rematerialise each block: "none" | "full" | "dots"
     logits_chunk: int = 0        # log-probs/entropy over chunks of this many positions; 0 = off
     attention: str = "einsum"    # "einsum" | "dot_product" (jax.nn.dot_product_attention) | "cudnn"
+    # --- LoRA adapters (a stage's `lora` spec sets them; 0 = none: the plain model) ----------
+    lora_rank: int = 0           # r of the low-rank factors A [*in, r], B [r, *out]
+    lora_alpha: float = 0.0      # the update A @ B is scaled by lora_alpha / lora_rank
+    lora_targets: tuple = ()     # LORA_TARGETS names: "q", "k", "v", "o", "mlp", "gate", ...
 
     def __post_init__(self):
         # JSON (checkpoint meta) turns tuples into lists; a frozen config must stay hashable.
         object.__setattr__(self, "layer_types", tuple(self.layer_types))
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         small = [f"{f}={getattr(self, f)}" for f in ("d_model", "n_layers", "n_heads",
                                                       "n_kv_heads", "d_ff", "max_len")
                  if getattr(self, f) < 1]
@@ -189,8 +203,31 @@ class ModelConfig:
                 0 < self.rope_low_freq_factor < self.rope_high_freq_factor):
             problems.append("llama3 rope scaling needs 0 < rope_low_freq_factor < "
                             "rope_high_freq_factor")
+        problems += self._lora_problems()
         if problems:
             raise ConfigError("invalid model config: " + "; ".join(problems))
+
+    def _lora_problems(self) -> list:
+        if self.lora_rank < 0:
+            return [f"lora_rank={self.lora_rank} must be >= 1 (0 = no adapters)"]
+        if not self.lora_rank:
+            return [] if not self.lora_targets else ["lora_targets need lora_rank >= 1"]
+        bad = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if bad or not self.lora_targets:
+            return [f"lora targets {bad or '()'}; choose from {list(LORA_TARGETS)}"]
+        if self.activation not in GATED and "gate" in self.lora_targets:
+            return [f"lora target 'gate': activation={self.activation!r} has no gate_proj "
+                    "(use 'up', 'down' or 'mlp')"]
+        return [] if self.lora_alpha > 0 else [f"lora_alpha={self.lora_alpha} must be > 0"]
+
+    @property
+    def lora_projections(self) -> frozenset:
+        """The projections with adapters ("q", "k", "v", "o", "gate", "up", "down"; those the
+        model has), empty without LoRA."""
+        if not self.lora_rank:
+            return frozenset()
+        names = {p for t in self.lora_targets for p in LORA_TARGETS[t]}
+        return frozenset(names if self.activation in GATED else names - {"gate"})
 
     @property
     def head_size(self) -> int:
@@ -252,14 +289,28 @@ def _param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype) -> nnx.Param:
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+def init_adapter(name: str, key, shape, dtype):
+    """A LoRA factor as PEFT initialises them: lora_a [*in, r] ~ N(0, 1/fan_in), lora_b
+    [r, *out] = 0 (so the adapted model starts as the base model)."""
+    if name == "lora_b":
+        return jnp.zeros(shape, dtype)
+    return jax.random.normal(key, shape, dtype) / math.sqrt(math.prod(shape[:-1]))
+
+
 class DenseGeneral(nnx.Module):
     """y = einsum(x, kernel) (+ bias): a projection whose kernel keeps its head structure.
 
     `in_axes` and `out_axes` are the logical names of the contracted and produced kernel axes,
     e.g. ("embed",) -> ("heads", "kv") for a query projection of kernel shape [D, H, K].
+
+    With `lora` (this projection's LORA_TARGETS name, when cfg.lora_projections holds it) it
+    also has LoRA factors (Hu et al. 2021) lora_a [*in, r] and lora_b [r, *out] (`init_adapter`)
+    and computes y + (x @ A) @ B * alpha / r: the zero B makes the adapted model start as the
+    base model, and zeroing the factors again gives the base back (`adapters_off`).
     """
 
-    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias, std, cfg, rngs):
+    def __init__(self, in_shape, out_shape, in_axes, out_axes, *, use_bias, std, cfg, rngs,
+                 lora: str = ""):
         self.n_in = len(in_shape)
         self.dtype = _dtype(cfg.dtype)
         pdt = _dtype(cfg.param_dtype)
@@ -267,6 +318,14 @@ class DenseGeneral(nnx.Module):
                              dtype=pdt)
         self.bias = (nnx.Param(jnp.zeros(out_shape, pdt), logical_axes=tuple(out_axes))
                      if use_bias else None)
+        self.lora_scale = 0.0
+        if lora and lora in cfg.lora_projections:
+            r = cfg.lora_rank
+            self.lora_scale = float(cfg.lora_alpha) / r
+            self.lora_a = nnx.Param(init_adapter("lora_a", rngs.params(), (*in_shape, r), pdt),
+                                    logical_axes=(*in_axes, "lora"))
+            self.lora_b = nnx.Param(init_adapter("lora_b", None, (r, *out_shape), pdt),
+                                    logical_axes=("lora", *out_axes))
 
     def __call__(self, x):
         """x: [..., *in_shape] -> [..., *out_shape] in the compute dtype."""
@@ -274,6 +333,12 @@ class DenseGeneral(nnx.Module):
         n_batch = x.ndim - self.n_in
         contract = (tuple(range(n_batch, x.ndim)), tuple(range(self.n_in)))
         y = jax.lax.dot_general(x.astype(self.dtype), kernel, (contract, ((), ())))
+        if self.lora_scale:
+            a = self.lora_a[...].astype(self.dtype)
+            b = self.lora_b[...].astype(self.dtype)
+            h = jax.lax.dot_general(x.astype(self.dtype), a, (contract, ((), ())))  # [..., r]
+            low = jax.lax.dot_general(h, b, (((h.ndim - 1,), (0,)), ((), ())))
+            y = y + low * jnp.asarray(self.lora_scale, self.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
@@ -378,13 +443,13 @@ class Attention(nnx.Module):
         kw = dict(cfg=cfg, rngs=rngs)
         qkv_bias = cfg.use_bias or cfg.qkv_bias
         self.q_proj = DenseGeneral((d,), (h, k), ("embed",), ("heads", "kv"), std=std,
-                                   use_bias=qkv_bias, **kw)
+                                   use_bias=qkv_bias, lora="q", **kw)
         self.k_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std,
-                                   use_bias=qkv_bias, **kw)
+                                   use_bias=qkv_bias, lora="k", **kw)
         self.v_proj = DenseGeneral((d,), (g, k), ("embed",), ("kv_heads", "kv"), std=std,
-                                   use_bias=qkv_bias, **kw)
+                                   use_bias=qkv_bias, lora="v", **kw)
         self.o_proj = DenseGeneral((h, k), (d,), ("heads", "kv"), ("embed",), std=out_std,
-                                   use_bias=cfg.use_bias, **kw)
+                                   use_bias=cfg.use_bias, lora="o", **kw)
         self.q_norm = Norm(cfg, dim=k, kind="rmsnorm") if cfg.qk_norm else None
         self.k_norm = Norm(cfg, dim=k, kind="rmsnorm") if cfg.qk_norm else None
         self.n_heads, self.n_kv_heads, self.head_dim = h, g, k
@@ -485,10 +550,13 @@ class MLP(nnx.Module):
         out_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         kw = dict(use_bias=cfg.use_bias, cfg=cfg, rngs=rngs)
         self.activation = cfg.activation
-        self.gate_proj = (DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **kw)
+        self.gate_proj = (DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std,
+                                       lora="gate", **kw)
                           if cfg.activation in GATED else None)
-        self.up_proj = DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std, **kw)
-        self.down_proj = DenseGeneral((f,), (d,), ("mlp",), ("embed",), std=out_std, **kw)
+        self.up_proj = DenseGeneral((d,), (f,), ("embed",), ("mlp",), std=cfg.init_std,
+                                    lora="up", **kw)
+        self.down_proj = DenseGeneral((f,), (d,), ("mlp",), ("embed",), std=out_std,
+                                      lora="down", **kw)
 
     def __call__(self, x_btd):
         """[B, T, D] -> [B, T, D]."""
@@ -787,21 +855,25 @@ def apply(graphdef, params, tokens_bt, *, mask_bt=None, positions_bt=None,
     """Pure policy forward: (logits [B, T, V] float32, hidden [B, T, D]). Jit-friendly with
     `graphdef` static (e.g. via functools.partial or a closure). segment_ids_bt: packed rows
     (`Transformer.hidden_states`)."""
-    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt,
-                                       segment_ids_bt=segment_ids_bt)
+    return nnx.merge(graphdef, freeze_base(params))(tokens_bt, mask_bt=mask_bt,
+                                                   positions_bt=positions_bt,
+                                                   segment_ids_bt=segment_ids_bt)
 
 
 def apply_reward(graphdef, params, tokens_bt, *, mask_bt, positions_bt=None,
                  segment_ids_bt=None, read_at=None):
     """Pure reward-model forward: rewards [B] float32 (packed rows: [N], one per sequence,
     read at the flat indices `read_at`; `RewardModel`)."""
-    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt,
-                                       segment_ids_bt=segment_ids_bt, read_at=read_at)
+    return nnx.merge(graphdef, freeze_base(params))(tokens_bt, mask_bt=mask_bt,
+                                                   positions_bt=positions_bt,
+                                                   segment_ids_bt=segment_ids_bt,
+                                                   read_at=read_at)
 
 
 def apply_value(graphdef, params, tokens_bt, *, mask_bt, positions_bt=None):
     """Pure critic forward: values [B, T] float32."""
-    return nnx.merge(graphdef, params)(tokens_bt, mask_bt=mask_bt, positions_bt=positions_bt)
+    return nnx.merge(graphdef, freeze_base(params))(tokens_bt, mask_bt=mask_bt,
+                                                   positions_bt=positions_bt)
 
 
 def init_head_model_from_policy(*, head_params, policy_params):
@@ -835,6 +907,113 @@ def init_head_model_from_policy(*, head_params, policy_params):
     new_params = jax.tree.map(lambda x: x, head_params)   # a structural copy to fill in
     nnx.replace_by_pure_dict(new_params, target)
     return new_params
+
+
+# ----------------------------------------------------------------------------------------------
+# LoRA adapters
+# ----------------------------------------------------------------------------------------------
+
+
+@registry.register("adapter", args={
+    "rank": schema.Int(ge=1, doc="r, the rank of each adapter's factors A [in, r], B [r, out]"),
+    "alpha": schema.Float(gt=0, doc="the update A @ B is scaled by alpha / rank"),
+    "targets": schema.Tuple(schema.Choice(*LORA_TARGETS), min_len=1,
+                            doc="projections with adapters: q, k, v, o (attention), mlp (gate, "
+                                "up and down) or gate, up, down alone")})
+def lora(*, rank: int = 16, alpha: float = 32.0,
+         targets: tuple = ("q", "k", "v", "o", "mlp")) -> dict:
+    """LoRA (Hu et al. 2021): the ModelConfig fields of low-rank adapters on the projections
+    `targets` (each W [in, out] gets y += (x @ A) @ B * alpha / rank), the base weights frozen."""
+    return {"lora_rank": int(rank), "lora_alpha": float(alpha), "lora_targets": tuple(targets)}
+
+
+def path_names(path) -> tuple:
+    """The dict keys (and sequence indices) of a pytree key path, without the `.value`
+    attribute of an nnx.Variable: ("layers_0", "attn", "q_proj", "lora_a")."""
+    return tuple(getattr(p, "key", getattr(p, "idx", None)) for p in path
+                 if not isinstance(p, jax.tree_util.GetAttrKey))
+
+
+def is_trainable(path) -> bool:
+    """Whether the leaf at `path` (a pytree key path) trains in a LoRA model: an adapter
+    factor, or a reward or value head. Every other parameter is the frozen base."""
+    return any(n in ADAPTER_KEYS or n in HEAD_KEYS for n in path_names(path))
+
+
+def has_adapters(tree) -> bool:
+    """Whether the params (or any pytree holding them) contain LoRA adapter factors."""
+    return any(any(n in ADAPTER_KEYS for n in path_names(path))
+               for path, _ in jax.tree_util.tree_leaves_with_path(tree))
+
+
+def freeze_base(params):
+    """The params with the base weights of a LoRA model behind stop_gradient, so that a
+    gradient reaches only the adapters and heads (`is_trainable`) and no weight gradient of the
+    base is computed; `params` itself (nothing changes) for a model without adapters."""
+    if not has_adapters(params):
+        return params
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: x if is_trainable(path) else jax.lax.stop_gradient(x), params)
+
+
+def adapters_off(params):
+    """The frozen base model of a LoRA model: its adapter factors zeroed (small new arrays), so
+    each adapted projection computes exactly its base y = x @ W. The other leaves are the same
+    arrays (no copy): the reference of DPO and RL is this view of the policy's own params."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, x: jnp.zeros_like(x) if path_names(path)[-1] in ADAPTER_KEYS else x,
+        params)
+
+
+def trainable_part(tree) -> dict:
+    """The leaves of a LoRA model's params that train (`is_trainable`), as a nested dict of
+    arrays keyed like `nnx.to_pure_dict`: what a LoRA stage checkpoints."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not is_trainable(path):
+            continue
+        keys = [str(n) for n in path_names(path)]
+        node = out
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+        node[keys[-1]] = leaf
+    return out
+
+
+def with_trainable_part(tree, part: dict):
+    """`tree` with its trainable leaves replaced by those of `part` (`trainable_part`'s
+    layout); the frozen leaves are the same arrays."""
+    def one(path, leaf):
+        if not is_trainable(path):
+            return leaf
+        node = part
+        for k in map(str, path_names(path)):
+            node = node[k]
+        return node
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def merge_adapters(params, cfg: ModelConfig):
+    """Plain parameters of a LoRA model: each adapted kernel W + A @ B * lora_alpha / lora_rank,
+    the factors dropped. Returns (params as a nested dict of arrays, the ModelConfig without
+    adapters); `nnx.replace_by_pure_dict` puts them into the state of that config's model."""
+    scale = cfg.lora_alpha / cfg.lora_rank if cfg.lora_rank else 0.0
+
+    def merge(node):
+        if not isinstance(node, dict):
+            return node
+        if "lora_a" in node:
+            a, b = node["lora_a"], node["lora_b"]
+            delta = jnp.tensordot(a.astype(jnp.float32), b.astype(jnp.float32), axes=1)
+            kernel = node["kernel"]
+            rest = {k: v for k, v in node.items() if k not in ADAPTER_KEYS}
+            return {**rest, "kernel": (kernel.astype(jnp.float32) + delta * scale
+                                       ).astype(kernel.dtype)}
+        return {k: merge(v) for k, v in node.items()}
+
+    plain = cfg.replace(lora_rank=0, lora_alpha=0.0, lora_targets=())
+    return merge(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params), plain
 
 
 def _scaled(logits_btv, temperature):
@@ -927,7 +1106,7 @@ def target_logprobs(graphdef, params, tokens_bt, targets_bl, target_mask_bl, *, 
     (+ `entropy`). segment_ids_bt: packed rows (`Transformer.hidden_states`); a target that
     starts the next segment must be masked by the caller (the packer's loss_mask is 0 there).
     """
-    net = nnx.merge(graphdef, params)
+    net = nnx.merge(graphdef, freeze_base(params))
     t, n = tokens_bt.shape[1], targets_bl.shape[1]
     start = t - 1 - n
     if start < 0:

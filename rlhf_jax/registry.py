@@ -26,6 +26,8 @@ Kinds and the calling convention of their functions:
   loss_agg      (per_token, mask) -> (sum, denominator)
   reward        (*, [seq, seq_mask, prompt_mask, completion, completion_mask, reward_model,
                 tables, texts], ...) -> scores [N]   (rlhf_jax/rewards.py)
+  adapter       (*, ...) -> {ModelConfig field: value}: parameter-efficient adapters (LoRA),
+                the `lora` key of every stage (rlhf_jax/model.py)
 
 Within a kind the functions take different subsets of the inputs a trainer has (SimPO needs no
 reference log-probs, GAE needs values, GRPO a group size). `call(fn, **available)` passes each
@@ -42,12 +44,12 @@ from typing import Any, Callable
 from rlhf_jax.errors import ConfigError
 
 KINDS = ("reward_loss", "pref_loss", "unpaired_loss", "policy_loss", "advantage", "kl_estimator",
-         "kl_controller", "loss_agg", "reward", "data_source")
+         "kl_controller", "loss_agg", "reward", "data_source", "adapter")
 
 # Modules whose import registers functions; loaded on the first lookup so that the registry
 # itself imports nothing and can be imported from any of them.
 _PROVIDERS = ("rlhf_jax.aggregation", "rlhf_jax.kl", "rlhf_jax.losses", "rlhf_jax.advantages",
-              "rlhf_jax.rewards", "rlhf_jax.data.sources")
+              "rlhf_jax.rewards", "rlhf_jax.data.sources", "rlhf_jax.model")
 
 _REGISTRY: dict[str, dict[str, Callable]] = {kind: {} for kind in KINDS}
 # kind -> name -> {argument: schema.Field}: the arguments a config string may set.

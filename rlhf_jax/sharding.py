@@ -45,6 +45,7 @@ DEFAULT_RULES: dict[str, Any] = {
     "kv": None,
     "norm": None,
     "pos": None,
+    "lora": None,      # the rank axis of LoRA factors: small, replicated
 }
 
 log = logging.getLogger(__name__)

@@ -161,8 +161,9 @@ _PRIMARY = {
 
 # Kinds whose functions take what this file does not draw: reward sources read token ids, a
 # reward model's parameters, the testbed's tables or decoded text (tests/test_rewards.py);
-# data sources return record sources (tests/test_verifier.py).
-_NOT_DRAWN = {"reward", "data_source"}
+# data sources return record sources (tests/test_verifier.py); adapters return ModelConfig
+# fields (tests/test_lora.py).
+_NOT_DRAWN = {"reward", "data_source", "adapter"}
 
 
 def test_every_kind_has_inputs_and_a_primary_output():

@@ -42,7 +42,9 @@ def _inputs(kind):
 # Reward sources take rollouts (token ids, a reward model, the testbed's tables, decoded text):
 # tests/test_rewards.py runs each of them, under jit where it is a token reward. Data sources
 # return record sources, not arrays: tests/test_verifier.py and the data tests read each.
-ALL_NAMES = [(kind, name) for kind in registry.KINDS if kind not in ("reward", "data_source")
+# Adapters return ModelConfig fields: tests/test_lora.py builds models with them.
+ALL_NAMES = [(kind, name) for kind in registry.KINDS
+             if kind not in ("reward", "data_source", "adapter")
              for name in registry.names(kind)]
 
 

@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from flax import nnx
 
-from rlhf_jax import checkpoint, hf, model, sharding
+from rlhf_jax import checkpoint, hf, model, registry, sharding
 from rlhf_jax.errors import CheckpointError, ConfigError
 from rlhf_jax.data import batching, records, sources, synthetic
 from rlhf_jax.data import tokenizer as tokenizer_lib
@@ -56,8 +57,11 @@ def optim_config(**overrides) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(base)
 
 
-def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
-    """AdamW with linear warm-up then cosine (or constant) decay and global-norm clipping."""
+def make_optimizer(optim, total_steps: int, *, lora: bool = False
+                   ) -> optax.GradientTransformation:
+    """AdamW with linear warm-up then cosine (or constant) decay and global-norm clipping.
+
+    With `lora` it steps only the trainable leaves of a LoRA model (`trainable_only`)."""
     require(optim.schedule in fields.SCHEDULES,
             f"optim.schedule={optim.schedule!r}; choose one of {list(fields.SCHEDULES)}")
     warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
@@ -72,7 +76,10 @@ def make_optimizer(optim, total_steps: int) -> optax.GradientTransformation:
     parts.append(optax.adamw(schedule, b1=optim.b1, b2=optim.b2,
                              weight_decay=optim.weight_decay))
     chain = optax.chain(*parts)
-    return float32_state(chain) if optim.get("state_dtype", "param") == "float32" else chain
+    if optim.get("state_dtype", "param") == "float32":
+        chain = float32_state(chain)
+    # LoRA: only the trainable leaves reach the (float32) optimizer; the base is never cast.
+    return trainable_only(chain) if lora else chain
 
 
 def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransformation:
@@ -90,6 +97,142 @@ def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
         return inner.update(up(grads), state, None if params is None else up(params))
 
     return optax.GradientTransformation(init, update)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _pick(tree) -> list:
+    """The trainable leaves of `tree`, in order. An nnx.Variable stays one, with its logical
+    axes, so the moments made from it carry them too and keep the parameter's layout on a mesh
+    (`sharding.constrain_state`)."""
+    return [x for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_variable)
+            if model.is_trainable(path)]
+
+
+def _raw(x):
+    return x.get_value() if isinstance(x, nnx.Variable) else x
+
+
+def trainable_only(inner: optax.GradientTransformation) -> optax.GradientTransformation:
+    """`inner` over the trainable leaves of LoRA params alone (`model.is_trainable`: adapters
+    and heads), so its state (AdamW's moments) holds adapter-sized arrays only; the frozen
+    leaves get zero updates (their gradients are zeros anyway, `model.freeze_base`). Global-norm
+    clipping inside `inner` sees the trainable gradients, which is all there is."""
+    def init(params):
+        return inner.init(_pick(params))
+
+    def update(grads, state, params=None):
+        updates, state = inner.update(_pick(grads), state,
+                                      None if params is None else _pick(params))
+        it = iter(updates)
+        return jax.tree_util.tree_map_with_path(
+            lambda path, g: _raw(next(it)) if model.is_trainable(path) else jnp.zeros_like(g),
+            grads), state
+
+    return optax.GradientTransformation(init, update)
+
+
+# ---------------------------------------------------------------------------------------------
+# LoRA
+# ---------------------------------------------------------------------------------------------
+
+def lora_fields(config) -> dict:
+    """The ModelConfig fields of the stage's `lora` spec (registry kind "adapter"), {} when it
+    is empty (no adapters: the whole model trains)."""
+    spec = config.get("lora", "") or ""
+    return registry.get("adapter", spec)() if spec else {}
+
+
+def add_adapters(graphdef, params, cfg: model.ModelConfig, config, *, kind: str, mesh, rules,
+                 seed: int):
+    """The loaded model with the stage's LoRA adapters (`lora_fields`): (graphdef, params,
+    cfg). The base parameters (and a reward or value head) are the given arrays, the adapters
+    new (B = 0, so the model computes what it did). Unchanged when the stage has no `lora`."""
+    changes = lora_fields(config)
+    if not changes:
+        return graphdef, params, cfg
+    try:
+        lora_cfg = cfg.replace(**changes)
+    except ConfigError as e:
+        raise ConfigError(f"lora={config.lora!r}: {e}") from None
+    # Only the adapters are new: the model's shapes come from an abstract build, so no second
+    # (random) copy of the base weights is ever made.
+    graphdef, target = init_model(lora_cfg, kind=kind, mesh=mesh, rules=rules, seed=seed,
+                                  abstract_only=True)
+    base = nnx.to_pure_dict(params)
+    key = jax.random.key(seed)
+    counter = iter(range(1 << 30))
+
+    def take(path, a):
+        names = model.path_names(path)
+        if names[-1] in model.ADAPTER_KEYS:
+            value = model.init_adapter(names[-1], jax.random.fold_in(key, next(counter)),
+                                       a.shape, a.dtype)
+            return jax.device_put(value, a.sharding)
+        node = base
+        for n in names:
+            node = node[n]
+        return node
+
+    params = jax.tree_util.tree_map_with_path(take, target)
+    return graphdef, params, lora_cfg
+
+
+def saved_part(tree):
+    """What a checkpoint holds of a model's params: all of them, or for a LoRA model only its
+    trainable part (`model.trainable_part`: adapters and heads; the base is its source stage)."""
+    return model.trainable_part(tree) if model.has_adapters(tree) else tree
+
+
+def save_checkpoint(ckpt, step: int, *, params, train: dict, meta: dict, force: bool = False):
+    """ckpt.save of a stage's params and train state, a LoRA model's as its trainable part
+    (`saved_part`; so is a model's params inside `train`, RL's critic). The meta of a LoRA stage
+    records the checkpoint it adapts, `lora_base` (its sources' init_from), which `load_stage`
+    merges the adapters into."""
+    if model.has_adapters(params):
+        meta = {**meta, "lora_base": meta["sources"]["init_from"]}
+    return ckpt.save(step, params=saved_part(params),
+                     train={k: saved_part(v) for k, v in train.items()}, meta=meta, force=force)
+
+
+def jit_update(fn):
+    """jax.jit(fn, donate_argnums=(0, 1)) for an update `fn(params, opt_state, *rest) ->
+    (params, opt_state, *more)`. For a LoRA model the frozen base is split off and passed
+    without donation (only adapters, heads and optimizer state are donated and returned), so
+    the base arrays outlive every step: the reference (`model.adapters_off`) and the policy hold
+    one copy of them."""
+    plain = jax.jit(fn, donate_argnums=(0, 1))
+
+    @functools.partial(jax.jit, donate_argnums=(0, 2), static_argnums=(3,))
+    def split_step(train, frozen, opt_state, layout, *rest):
+        params = _join(layout, train, frozen)
+        params, opt_state, *more = fn(params, opt_state, *rest)
+        return (_split(layout, params)[0], opt_state, *more)
+
+    def update(params, opt_state, *rest):
+        if not model.has_adapters(params):
+            return plain(params, opt_state, *rest)
+        paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+        layout = (treedef, tuple(model.is_trainable(p) for p, _ in paths))
+        train, frozen = _split(layout, params)
+        train, opt_state, *more = split_step(train, frozen, opt_state, layout, *rest)
+        return (_join(layout, train, frozen), opt_state, *more)
+
+    return update
+
+
+def _split(layout, tree):
+    leaves = jax.tree.leaves(tree)
+    return ([x for x, t in zip(leaves, layout[1]) if t],
+            [x for x, t in zip(leaves, layout[1]) if not t])
+
+
+def _join(layout, train, frozen):
+    train, frozen = iter(train), iter(frozen)
+    return jax.tree.unflatten(layout[0], [next(train) if t else next(frozen)
+                                          for t in layout[1]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -193,7 +336,7 @@ RESUMABLE_CHANGES = ("log_every", "save_every", "keep", "eval_every", "eval_batc
 # checkpoint without the key was run that way.
 ADDED_KEYS = {"data.format": "plain", "norm.policy_from": "", "data.kind": "pairs",
               "data.split_pairs": False, "micro_batches": 1, "optim.state_dtype": "param",
-              "model.param_dtype": "", "data.packing": False,
+              "model.param_dtype": "", "data.packing": False, "lora": "",
               **{f"model.{k}": v for k, v in model.RUNTIME_DEFAULTS.items()}}
 
 
@@ -278,13 +421,22 @@ def resume(ckpt, params, train: dict, data_iterator, config=None, sources=None):
         if sources is not None:
             check_same_sources(meta, sources, ckpt.directory)
 
-    out = ckpt.restore_newest(params=checkpoint.abstract(params),
-                              train=checkpoint.abstract(train), check=check)
+    # A LoRA model's params (and a model's in `train`, RL's critic) restore as what was
+    # saved of them (`saved_part`) into the frozen base they were made with.
+    out = ckpt.restore_newest(params=checkpoint.abstract(saved_part(params)),
+                              train=checkpoint.abstract({k: saved_part(v)
+                                                         for k, v in train.items()}),
+                              check=check)
     if out is None:
         return params, train, 0
-    params, train, meta = out
+    saved_params, saved_train, meta = out
+
+    def join(full, saved):
+        return model.with_trainable_part(full, saved) if model.has_adapters(full) else saved
+
     data_iterator.set_state(meta["data_state"])
-    return params, train, meta["step"]
+    return (join(params, saved_params), {k: join(v, saved_train[k]) for k, v in train.items()},
+            meta["step"])
 
 
 def place_batch(batch: dict, mesh, rules) -> dict:
@@ -502,9 +654,19 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
             mesh = mesh if mesh is not None else sharding.make_mesh((-1, 1, 1))
             graphdef, target = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules,
                                           seed=seed, abstract_only=True)
-            params, _, meta = ckpt.restore(params=target, step=step)
+            if "lora_base" in meta:
+                adapted, _, meta = ckpt.restore(params=model.trainable_part(target), step=step)
         except CheckpointError as e:
             raise CheckpointError(f"{key}={str(stage_dir)!r}: {e}") from e
+        if "lora_base" not in meta:
+            try:
+                params, _, meta = ckpt.restore(params=target, step=step)
+            except CheckpointError as e:
+                raise CheckpointError(f"{key}={str(stage_dir)!r}: {e}") from e
+    if "lora_base" in meta:
+        graphdef, params, saved_cfg = _merge_lora_stage(
+            stage_dir, meta, adapted, saved_cfg, kind=saved_kind, mesh=mesh, rules=rules,
+            seed=seed, key=key, runtime=runtime)
     if param_dtype and param_dtype != saved_cfg.param_dtype:
         saved_cfg = saved_cfg.replace(param_dtype=param_dtype)
         graphdef = init_model(saved_cfg, kind=saved_kind, mesh=mesh, rules=rules, seed=seed,
@@ -523,6 +685,37 @@ def load_stage(stage_dir, *, kind: str = "policy", mesh=None, rules=None, seed: 
     graphdef, head_params = init_model(saved_cfg, kind=kind, mesh=mesh, rules=rules, seed=seed)
     params = model.init_head_model_from_policy(head_params=head_params, policy_params=params)
     return graphdef, params, saved_cfg, tok, meta
+
+
+def _merge_lora_stage(stage_dir, meta, adapted, cfg, *, kind, mesh, rules, seed, key, runtime):
+    """A LoRA stage as plain weights: its base (`lora_base`, loaded as a `kind` model) with the
+    saved trainable part put in and W + A @ B * alpha / r merged into every adapted kernel.
+    Returns (graphdef, params, cfg) of the model without adapters."""
+    base = meta["lora_base"]
+    require(base is not None, f"{key}={str(stage_dir)!r}: a LoRA stage without a base")
+    graphdef, params, _, _, base_meta = load_stage(
+        base["path"], kind=kind, mesh=mesh, rules=rules, seed=seed, new_head=True,
+        key=f"{key} (LoRA base of {stage_dir})", runtime=runtime)
+    if not _same_source(base, base_meta["source"]):
+        raise CheckpointError(
+            f"{key}={str(stage_dir)!r} holds LoRA adapters of {_describe_source(base)}, but that "
+            f"directory now holds {_describe_source(base_meta['source'])}; the adapters only "
+            "make sense on the weights they were trained on: restore that checkpoint")
+
+    full = _with_adapters(nnx.to_pure_dict(params), adapted)
+    merged, plain = model.merge_adapters(full, cfg)
+    new = jax.tree.map(lambda x: x, params)
+    nnx.replace_by_pure_dict(new, merged)
+    # Merged kernels keep the layout of the base kernels they replace.
+    return graphdef, jax.tree.map(lambda x, b: jax.device_put(x, b.sharding), new, params), plain
+
+
+def _with_adapters(full: dict, part: dict) -> dict:
+    """Nested dict `full` with every entry of `part` set (new adapter keys added)."""
+    out = dict(full)
+    for k, v in part.items():
+        out[k] = _with_adapters(full.get(k, {}), v) if isinstance(v, dict) else v
+    return out
 
 
 def load_hf(path, *, kind: str = "policy", mesh=None, rules=None, seed: int = 0,

@@ -6,7 +6,7 @@ stage gives it a default.
 """
 
 from rlhf_jax.model import _DTYPES, ACTIVATIONS, ATTENTIONS, NORMS, POSITIONS, REMAT_POLICIES
-from rlhf_jax.schema import Bool, Choice, Dict, Float, Int, Spec, Str, Tuple
+from rlhf_jax.schema import Bool, Choice, Dict, Field, Float, Int, Spec, Str, Tuple
 
 # Choices the trainers branch on, named once here and read by trainers/common.py.
 SCHEDULES = ("cosine", "constant")
@@ -135,3 +135,21 @@ def loop(*, steps_min: int = 1, eval_every: bool = False) -> dict:
     if eval_every:
         out["eval_every"] = Int(ge=0, doc="iterations between evaluations; 0 turns them off")
     return out
+
+
+def _lora_problem(spec: str) -> str | None:
+    if spec == "":
+        return None
+    from rlhf_jax import registry
+    try:
+        registry.validate("adapter", spec)
+    except ValueError as e:
+        return str(e)
+    return None
+
+
+# The same key in every stage: one override means the same everywhere (docs/model.md, "LoRA").
+LORA = Field("str", rule=_lora_problem,
+             doc="LoRA adapters, e.g. \"lora(rank=16, alpha=32, targets=('q', 'k', 'v', 'o', "
+                 "'mlp'))\": only the adapters (and a reward or value head) train, the frozen "
+                 "base is the reference; '' = off")

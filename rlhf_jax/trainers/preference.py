@@ -12,6 +12,10 @@ every loss the same inputs and the registry passes each the subset it declares:
     chosen_lengths, rejected_lengths             [B] number of completion tokens
     chosen_nll                                   [B] mean token NLL of the chosen completion
 
+With `config.lora` the policy trains LoRA adapters on the frozen SFT weights, and the
+reference is the policy with its adapters off (`model.adapters_off`): one copy of the weights,
+the reference log-probs those of the SFT model bitwise (docs/model.md, "LoRA").
+
 Chosen and rejected go through one forward pass (the [2B, T] pair batch, chosen rows first).
 The reference log-probs are computed once per batch inside the jitted step but outside the
 gradient, and not at all for reference-free losses (SimPO, ORPO). Rows with valid=0 (padding
@@ -63,8 +67,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from rlhf_jax import checkpoint, evaluation, losses, metrics as metrics_lib, registry, schema
-from rlhf_jax import rewards as rewards_lib, sharding
+from rlhf_jax import checkpoint, evaluation, losses, metrics as metrics_lib, model, registry
+from rlhf_jax import rewards as rewards_lib, schema, sharding
 from rlhf_jax.data import batching
 from rlhf_jax.errors import ConfigError
 from rlhf_jax.trainers import accumulate, common, fields
@@ -78,6 +82,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.stage = STAGE             # the stage directory under workdir
     c.init_from = ""            # the SFT stage directory; "" = workdir/sft
     c.pref_loss = "dpo(beta=0.2)"
+    c.lora = ""                 # LoRA adapters, e.g. "lora(rank=16)": the reference is the base
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
     c.model = ml_collections.ConfigDict(fields.RUNTIME_MODEL_DEFAULTS)
@@ -217,8 +222,8 @@ _copy = jax.jit(lambda tree: jax.tree.map(jnp.copy, tree))  # one program, not o
 
 
 @functools.lru_cache(maxsize=16)
-def _optimizer(optim_items: tuple, steps: int):
-    return common.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), steps)
+def _optimizer(optim_items: tuple, steps: int, lora: bool = False):
+    return common.make_optimizer(ml_collections.ConfigDict(dict(optim_items)), steps, lora=lora)
 
 
 @functools.lru_cache(maxsize=16)
@@ -300,8 +305,7 @@ def _pair_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: int 
     def eval_terms(params, ref_params, batch):
         return pair_terms(params, reference_inputs(ref_params, batch), batch)
 
-    return (jax.jit(update, donate_argnums=(0, 1)), jax.jit(eval_terms),
-            optimizer.init)
+    return common.jit_update(update), jax.jit(eval_terms), optimizer.init
 
 
 def _logratio_means(logratio, desirable, valid):
@@ -388,8 +392,7 @@ def _unpaired_steps(graphdef, loss_fn, optimizer, use_ref: bool, micro_batches: 
     def eval_terms(params, ref_params, batch):
         return loss_on(params, constants(params, ref_params, batch), batch)[1][0]
 
-    return (jax.jit(update, donate_argnums=(0, 1)), jax.jit(eval_terms),
-            optimizer.init)
+    return common.jit_update(update), jax.jit(eval_terms), optimizer.init
 
 
 # ---------------------------------------------------------------------------------------------
@@ -403,6 +406,7 @@ SCHEMA = {
                                 "'' = WORKDIR/sft"),
     "pref_loss": _LossField("spec", registry_kind="pref_loss",
                             doc="the loss; its registry kind says which rows it trains on"),
+    "lora": fields.LORA,
     "mesh": fields.MESH,
     "model": fields.RUNTIME_MODEL,
     "data": fields.data(kind=fields.PREF_DATA_KIND, split_pairs=fields.SPLIT_PAIRS,
@@ -502,9 +506,17 @@ def train(config, workdir) -> Path:
                    f"{config.gen.prompt_len + config.gen.max_new_tokens} exceeds the SFT "
                    f"model's max_len {model_cfg.max_len}; lower one of them")
     # The reference is the SFT parameters themselves. The policy gets its own copy, since its
-    # buffers are donated to the update step.
-    ref_params = params
-    params = _copy(params)
+    # buffers are donated to the update step. With lora the policy is the SFT parameters plus
+    # adapters, and the reference that model with its adapters off (`model.adapters_off`), the
+    # same base arrays: one copy of the weights (set after the resume, below).
+    if config.lora:
+        graphdef, params, model_cfg = common.add_adapters(
+            graphdef, params, model_cfg, config, kind="policy", mesh=mesh, rules=rules,
+            seed=config.seed)
+        ref_params = None
+    else:
+        ref_params = params
+        params = _copy(params)
 
     # --- data --------------------------------------------------------------------------------
     # Records of config.data.kind, batched as the rows the loss trains on (pairs split into
@@ -525,11 +537,10 @@ def train(config, workdir) -> Path:
                         pack_rows_multiple=common.pack_rows_multiple(config, mesh, rules))
 
     # --- update step ------------------------------------------------------------------------
-    optimizer = _optimizer(tuple(sorted(config.optim.items())), config.steps)
+    optimizer = _optimizer(tuple(sorted(config.optim.items())), config.steps, bool(config.lora))
     update, eval_terms, init_opt = _compiled(graphdef, loss_fn, optimizer, use_ref, loss_kind,
                                              config.micro_batches)
     opt_state = init_opt(params)
-    held_ref = ref_params if use_ref else None  # reference-free: never passed to the step
 
     # --- checkpoint: resume -------------------------------------------------------------------
     guard = common.init_guard()
@@ -543,9 +554,13 @@ def train(config, workdir) -> Path:
         meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, sources=sources,
                                  extra={"data_state": train_it.get_state(),
                                         "model_kind": "policy", "init_from": str(init_from)})
-        ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+        common.save_checkpoint(ckpt, step, params=params, train={"opt": opt_state}, meta=meta,
+                               force=force)
 
     params, opt_state, guard = common.on_mesh((params, opt_state, guard), mesh)
+    if config.lora:
+        ref_params = model.adapters_off(params)   # the frozen base arrays, never donated
+    held_ref = ref_params if use_ref else None  # reference-free: never passed to the step
 
     # --- loop -------------------------------------------------------------------------------
     writer = metrics_lib.MetricsWriter(stage_dir)

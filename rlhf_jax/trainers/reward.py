@@ -7,7 +7,8 @@ Where it starts. `config.init_from` names the SFT stage directory; empty means W
 directory `sft.train` writes in the same workdir. The backbone is copied from that policy and a
 fresh scalar head is added (`common.load_stage(..., kind="reward", new_head=True)`; Ouyang et
 al. 2022 sec. 3.5, Ziegler et al. 2019 sec. 2.2: the reward model starts from the supervised
-policy).
+policy). With `config.lora` the backbone is frozen and trains LoRA adapters, the head whole
+(docs/model.md, "LoRA").
 
 What it trains. `config.loss` is a "reward_loss" registry spec: "bradley_terry" (default) or
 "bradley_terry(margin=0.5)" for a fixed margin m in -log sigmoid(r+ - r- - m). The pairs batch
@@ -66,6 +67,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.seed = 0
     c.init_from = ""            # the SFT stage directory; "" = WORKDIR/sft
     c.loss = "bradley_terry"    # a reward_loss registry spec, e.g. "bradley_terry(margin=0.5)"
+    c.lora = ""                 # LoRA adapters on the backbone (the head trains whole); "" = off
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
     c.model = ml_collections.ConfigDict(fields.RUNTIME_MODEL_DEFAULTS)
@@ -100,6 +102,7 @@ SCHEMA = {
     "loss": schema.Spec("reward_loss"),
     "mesh": fields.MESH,
     "model": fields.RUNTIME_MODEL,
+    "lora": fields.LORA,
     "data": fields.data(tau=fields.TAU, flip_rate=fields.FLIP_RATE,
                         batch_size=fields.BATCH_SIZE),
     "optim": fields.OPTIM,
@@ -270,6 +273,10 @@ def train(config, workdir) -> Path:
         init_from, kind="reward", mesh=mesh, rules=rules, seed=config.seed, new_head=True,
         runtime=common.runtime(config))
     sources = {"init_from": init_meta["source"]}   # a resumption must start from the same SFT
+    # With lora: adapters on the backbone; the head trains whole.
+    graphdef, params, model_cfg = common.add_adapters(
+        graphdef, params, model_cfg, config, kind="reward", mesh=mesh, rules=rules,
+        seed=config.seed)
     common.require(max(config.data.buckets) <= model_cfg.max_len,
                    f"data.buckets go up to {max(config.data.buckets)} but the SFT model's "
                    f"max_len is {model_cfg.max_len}; lower data.buckets")
@@ -291,7 +298,7 @@ def train(config, workdir) -> Path:
 
     # --- update step --------------------------------------------------------------------------
     loss_spec = registry.get("reward_loss", config.loss)
-    optimizer = common.make_optimizer(config.optim, steps)
+    optimizer = common.make_optimizer(config.optim, steps, lora=bool(config.lora))
     opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
     def score(params, tokens, mask):
@@ -326,7 +333,7 @@ def train(config, workdir) -> Path:
             optimizer, params, opt_state, grads, loss, guard, step)
         return params, opt_state, guard, {**m, "rm/total_loss": loss, "rm/grad_norm": grad_norm}
 
-    update = jax.jit(update, donate_argnums=(0, 1))
+    update = common.jit_update(update)
     score_jit = jax.jit(score)
 
     # --- checkpoint: resume -------------------------------------------------------------------
@@ -340,7 +347,8 @@ def train(config, workdir) -> Path:
                                  extra={"data_state": train_it.get_state(),
                                         "model_kind": "reward", "init_from": str(init_from),
                                         **(extra or {})})
-        ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+        common.save_checkpoint(ckpt, step, params=params, train={"opt": opt_state}, meta=meta,
+                               force=force)
 
     # --- loop ---------------------------------------------------------------------------------
     params, opt_state, guard = common.on_mesh((params, opt_state, guard), mesh)

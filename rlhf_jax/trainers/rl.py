@@ -21,6 +21,10 @@ Algorithms are configs, not code paths: PPO = gae + ppo_clip + KL in the reward;
 ppo_clip + KL in the loss + G > 1; RLOO = rloo + reinforce + G > 1; rejection-sampling
 fine-tuning (best-of-n completions fed back to SFT) = best_of_n + reinforce + G > 1, without
 KL penalty or whitening (experiments/rsft.py).
+
+With `config.lora` the policy and the critic train LoRA adapters (the critic's value head
+whole) on frozen weights, and the reference is the policy with its adapters off: one copy of
+the SFT weights (docs/model.md, "LoRA").
 """
 
 import time
@@ -47,6 +51,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.init_from = ""             # the SFT stage directory ("" = WORKDIR/sft)
     c.reward_from = ""           # the reward-model stage directory ("" = WORKDIR/rm)
     c.reward = "model"           # "model" (r_phi) or "gold" (the testbed's r*: PPO-GT)
+    c.lora = ""                  # LoRA adapters on the policy and the critic; "" = off
     c.mesh = ml_collections.ConfigDict(dict(shape=(-1, 1, 1), rules={}, distributed=False))
     # How to compute (memory, not architecture; docs/scaling.md): applied to every model loaded.
     c.model = ml_collections.ConfigDict(fields.RUNTIME_MODEL_DEFAULTS)
@@ -88,6 +93,7 @@ SCHEMA = {
     "init_from": schema.Str(doc="the SFT stage directory (policy init and reference); "
                                 "'' = WORKDIR/sft"),
     "reward_from": schema.Str(doc="the reward-model stage directory; '' = WORKDIR/rm"),
+    "lora": fields.LORA,
     "reward": rewards_lib.Expression(doc="what the policy optimises: 'model' (r_phi from "
                                          "reward_from), 'gold' (the testbed's r*), or a "
                                          "weighted sum of sources, e.g. 'model + "
@@ -297,7 +303,14 @@ def train(config, workdir) -> Path:
         sft_dir, mesh=mesh, rules=rules, runtime=runtime)
     # The reference and the reward model: a resumption must start from the same checkpoints.
     sources = {"init_from": sft_meta["source"], "reward_from": None}
-    policy_params = jax.tree.map(jnp.copy, ref_params)
+    # With lora the policy is the SFT weights plus adapters and the reference is that model
+    # with its adapters off (`model.adapters_off`, set below): one copy of the weights.
+    if config.lora:
+        graphdef, policy_params, model_cfg = common.add_adapters(
+            graphdef, ref_params, model_cfg, config, kind="policy", mesh=mesh, rules=rules,
+            seed=config.seed)
+    else:
+        policy_params = jax.tree.map(jnp.copy, ref_params)
     adv_fn = registry.get("advantage", config.advantage)
     online_fn = (registry.get("pref_loss", config.online_pref_loss)
                  if config.online_pref_loss else None)
@@ -326,6 +339,12 @@ def train(config, workdir) -> Path:
             value_graphdef, value_params = common.load_stage(
                 sft_dir, kind="value", mesh=mesh, rules=rules, seed=config.seed,
                 new_head=True, runtime=runtime)[:2]
+        # With lora the critic gets adapters too; its value head trains whole.
+        critic_cfg = reward[2] if reward is not None else model_cfg.replace(
+            lora_rank=0, lora_alpha=0.0, lora_targets=())
+        value_graphdef, value_params, _ = common.add_adapters(
+            value_graphdef, value_params, critic_cfg, config, kind="value", mesh=mesh,
+            rules=rules, seed=config.seed)
     else:
         value_graphdef, value_params = None, {}
     gold = common.gold(config.data, tok)
@@ -399,7 +418,7 @@ def train(config, workdir) -> Path:
 
     # --- update: epochs x minibatches in one jit --------------------------------------------
     optimizer = common.make_optimizer(config.optim, config.steps * config.ppo.epochs
-                                      * config.ppo.minibatches)
+                                      * config.ppo.minibatches, lora=bool(config.lora))
     params = {"policy": policy_params, "value": value_params}
     opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
@@ -498,7 +517,7 @@ def train(config, workdir) -> Path:
         (params, opt_state, guard), ms = jax.lax.scan(one, (params, opt_state, guard), order)
         return params, opt_state, guard, jax.tree.map(jnp.mean, ms)
 
-    update = jax.jit(update, donate_argnums=(0, 1))
+    update = common.jit_update(update)
 
     # --- checkpoint: resume ------------------------------------------------------------------------
     # Replicated on the mesh, so that a key restored onto it is too (a key on one device
@@ -522,9 +541,16 @@ def train(config, workdir) -> Path:
                                  extra={"data_state": prompt_it.get_state(),
                                         "model_kind": "policy"})
         # The policy is what later stages and evaluation load; the critic stays in `train`.
-        ckpt.save(step, params=params["policy"],
-                  train={"opt": opt_state, "rng": rng, "kl": kl_state, "value": params["value"]},
-                  meta=meta, force=force)
+        common.save_checkpoint(
+            ckpt, step, params=params["policy"],
+            train={"opt": opt_state, "rng": rng, "kl": kl_state, "value": params["value"]},
+            meta=meta, force=force)
+
+    params, opt_state, guard, kl_state, rng = common.on_mesh(
+        (params, opt_state, guard, kl_state, rng), mesh)
+    if config.lora:
+        ref_params = model.adapters_off(params["policy"])   # the frozen base arrays
+        score_params["ref"] = ref_params
 
     # --- eval -----------------------------------------------------------------------------------
     evaluator = None
@@ -544,9 +570,6 @@ def train(config, workdir) -> Path:
             place=lambda b: common.place_batch(b, mesh, rules))
 
     # --- loop -----------------------------------------------------------------------------------
-    params, opt_state, guard, kl_state, rng = common.on_mesh(
-        (params, opt_state, guard, kl_state, rng),
-                                                        mesh)
     writer = metrics_lib.MetricsWriter(stage_dir)
     values = None
     bar = metrics_lib.progress(total=config.steps, initial=step, desc=config.stage)

@@ -7,7 +7,9 @@ parameters as an uninterrupted run. The checkpoint carries the model config and 
 which is all the next stage (reward model, DPO, PPO) needs besides the parameters.
 
 With data.packing=true the training batches are packed rows (docs/data.md, "Sequence
-packing"): the same examples and the same token loss, fewer padding tokens.
+packing"): the same examples and the same token loss, fewer padding tokens. With
+`config.lora` the init_from model is frozen and LoRA adapters train on it; the checkpoint
+holds the adapters and loads merged (docs/model.md, "LoRA").
 """
 
 from pathlib import Path
@@ -29,6 +31,7 @@ def default_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.init_from = ""            # a stage directory to start from; "" = random init
+    c.lora = ""                 # LoRA adapters on the init_from model, e.g. "lora(rank=16)"
     c.model = ml_collections.ConfigDict(dict(
         vocab_size=0, d_model=128, n_layers=2, n_heads=4, n_kv_heads=4, d_ff=512, max_len=48,
         norm="rmsnorm", position="rope", activation="swiglu", tie_embeddings=True,
@@ -52,6 +55,7 @@ def default_config() -> ml_collections.ConfigDict:
 SCHEMA = {
     "size": fields.SIZE, "seed": fields.SEED,
     "init_from": schema.Str(doc="a stage directory to start from; '' = random initialisation"),
+    "lora": fields.LORA,
     "model": fields.MODEL, "mesh": fields.MESH,
     "data": fields.data(
         tokenizer=schema.Str(doc="a sentencepiece .model or a Hugging Face tokenizer directory; "
@@ -78,6 +82,9 @@ def validate(config):
                    f"data.tokenizer is required with data.source={config.data.source!r} (a "
                    "sentencepiece .model or a Hugging Face tokenizer directory), unless "
                    "init_from gives a checkpoint with its own")
+    common.require(not config.lora or bool(config.init_from),
+                   f"lora={config.lora!r} adapts a trained model; set init_from to its stage "
+                   "or Hugging Face directory (the frozen base a LoRA checkpoint refers to)")
 
 
 def load_tokenizer(config, workdir: Path) -> tokenizer_lib.BaseTokenizer:
@@ -114,6 +121,9 @@ def train(config, workdir) -> Path:
             config.init_from, mesh=mesh, rules=rules, seed=config.seed,
             runtime=common.runtime(config))
         sources["init_from"] = init_meta["source"]
+        graphdef, params, model_cfg = common.add_adapters(
+            graphdef, params, model_cfg, config, kind="policy", mesh=mesh, rules=rules,
+            seed=config.seed)
     else:
         tok = load_tokenizer(config, workdir)
         model_cfg = common.model_config(config)
@@ -136,7 +146,7 @@ def train(config, workdir) -> Path:
         name="sft/train", format=config.data.format)
 
     # --- model, optimizer, update step ------------------------------------------------------
-    optimizer = common.make_optimizer(config.optim, config.steps)
+    optimizer = common.make_optimizer(config.optim, config.steps, lora=bool(config.lora))
     opt_state = optimizer.init(params)   # eager: the moments keep the params' sharding
 
     def loss_fn(params, batch, normalizer=None):
@@ -163,7 +173,7 @@ def train(config, workdir) -> Path:
             optimizer, params, opt_state, grads, loss, guard, step)
         return params, opt_state, guard, {"sft/loss": loss, "sft/grad_norm": grad_norm}
 
-    update = jax.jit(update, donate_argnums=(0, 1))
+    update = common.jit_update(update)
     eval_loss = jax.jit(loss_fn)
 
     # --- checkpoint: resume -------------------------------------------------------------------
@@ -178,7 +188,8 @@ def train(config, workdir) -> Path:
         meta = common.stage_meta(config=config, model_cfg=model_cfg, tok=tok, sources=sources,
                                  extra={"data_state": train_it.get_state(),
                                         "model_kind": "policy"})
-        ckpt.save(step, params=params, train={"opt": opt_state}, meta=meta, force=force)
+        common.save_checkpoint(ckpt, step, params=params, train={"opt": opt_state}, meta=meta,
+                               force=force)
 
     params, opt_state, guard = common.on_mesh((params, opt_state, guard), mesh)
 
