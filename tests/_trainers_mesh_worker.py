@@ -37,7 +37,7 @@ import time
 import traceback
 from pathlib import Path
 
-STAGES = ("sft", "rm", "dpo", "dpo_packed", "ppo", "grpo")
+STAGES = ("sft", "rm", "dpo", "dpo_packed", "dpo_lora", "ppo", "grpo")
 # The batch row counts of the configs below (SFT 16 rows; RM 16 pairs = 32 rows, and 32
 # normalisation samples; DPO 8 pairs = 16 rows and 8 weights; RL 32 rollouts in minibatches of
 # 16): the leading sizes of batch arrays. No other array a step takes or returns has them
@@ -204,13 +204,15 @@ def stage_config(name, data_dir, shape, workdir):
         c.data.update(n_train=64, n_test=16, batch_size=16)
         c.norm.update(n_samples=32, batch_size=32, prompts_n_train=64, prompts_n_test=16)
         c.update(steps=3, log_every=1, save_every=100, eval_batches=1)
-    elif name in ("dpo", "dpo_packed"):
+    elif name in ("dpo", "dpo_packed", "dpo_lora"):
         c = dpo.get_config("smoke")
         c.data.update(n_train=64, n_test=16, batch_size=8)
         c.update(steps=3, log_every=1, save_every=100, eval_batches=0)
         c.gen.n_prompts = 0
         if name == "dpo_packed":    # data.packing: pairs packed into rows with segment ids
             c.data.packing, c.stage = True, name
+        if name == "dpo_lora":      # adapters on the frozen SFT model, the reference = them off
+            c.lora, c.stage = "lora(rank=4, alpha=8)", name
     else:
         c = (ppo if name == "ppo" else grpo).get_config("smoke")
         c.data.update(n_train=64, n_test=16)
@@ -226,8 +228,8 @@ def stage_config(name, data_dir, shape, workdir):
 
 def trainer(name):
     from rlhf_jax.trainers import preference, reward, rl, sft
-    return {"sft": sft, "rm": reward, "dpo": preference, "dpo_packed": preference, "ppo": rl,
-            "grpo": rl}[name]
+    return {"sft": sft, "rm": reward, "dpo": preference, "dpo_packed": preference,
+            "dpo_lora": preference, "ppo": rl, "grpo": rl}[name]
 
 
 def run_stage(name, config, workdir, shape):

@@ -1,9 +1,9 @@
 """Every trainer on meshes of 8 simulated CPU devices against its single-device run.
 
-SFT -> reward model -> DPO (also with data.packing), PPO (with a critic) and GRPO, chained in
-one workdir per mesh, at a tiny size (d_model 32, one layer, 2-4 steps;
-tests/_trainers_mesh_worker.py), on one device and on the meshes (data, fsdp, tensor) = (8,1,1), (2,4,1) and (1,4,2). Checked per stage and
-mesh:
+SFT -> reward model -> DPO (also with data.packing, and with LoRA adapters), PPO (with a
+critic) and GRPO, chained in one workdir per mesh, at a tiny size (d_model 32, one layer, 2-4
+steps; tests/_trainers_mesh_worker.py), on one device and on the meshes (data, fsdp, tensor) =
+(8,1,1), (2,4,1) and (1,4,2). Checked per stage and mesh:
   - the logged metrics of every step and the parameters the last update step returned (the
     critic's too) equal the single-device run's within float32 tolerance;
   - every jitted step (the policy's sampler, the rollout scorer with its reference and
@@ -55,6 +55,7 @@ STEPS = {
     "rm": ("update", "reward.train.<locals>.score", "sampling._generate", "rollout._scorer"),
     "dpo": ("update",),
     "dpo_packed": ("update",),
+    "dpo_lora": ("update",),
     "ppo": ("update", "make_targets", "sampling._generate", "rollout._scorer"),
     "grpo": ("update", "make_targets", "sampling._generate", "rollout._scorer"),
 }

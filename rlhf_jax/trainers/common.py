@@ -202,29 +202,30 @@ def jit_update(fn):
     (params, opt_state, *more)`. For a LoRA model the frozen base is split off and passed
     without donation (only adapters, heads and optimizer state are donated and returned), so
     the base arrays outlive every step: the reference (`model.adapters_off`) and the policy hold
-    one copy of them."""
+    one copy of them. Either way the jitted step takes and returns (trainable parameters,
+    optimizer state) first; the leaves stay nnx.Variables, with their logical axes."""
     plain = jax.jit(fn, donate_argnums=(0, 1))
 
-    @functools.partial(jax.jit, donate_argnums=(0, 2), static_argnums=(3,))
-    def split_step(train, frozen, opt_state, layout, *rest):
+    @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(3,))
+    def update(train, opt_state, frozen, layout, *rest):
         params = _join(layout, train, frozen)
         params, opt_state, *more = fn(params, opt_state, *rest)
         return (_split(layout, params)[0], opt_state, *more)
 
-    def update(params, opt_state, *rest):
+    def step(params, opt_state, *rest):
         if not model.has_adapters(params):
             return plain(params, opt_state, *rest)
-        paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+        paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
         layout = (treedef, tuple(model.is_trainable(p) for p, _ in paths))
         train, frozen = _split(layout, params)
-        train, opt_state, *more = split_step(train, frozen, opt_state, layout, *rest)
+        train, opt_state, *more = update(train, opt_state, frozen, layout, *rest)
         return (_join(layout, train, frozen), opt_state, *more)
 
-    return update
+    return step
 
 
 def _split(layout, tree):
-    leaves = jax.tree.leaves(tree)
+    leaves = jax.tree.leaves(tree, is_leaf=_is_variable)
     return ([x for x, t in zip(leaves, layout[1]) if t],
             [x for x, t in zip(leaves, layout[1]) if not t])
 
