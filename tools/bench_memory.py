@@ -2,13 +2,15 @@
 
     python -m tools.bench_memory                     # small, medium, 350m, 1b; budgets 16, 80 GiB
     python -m tools.bench_memory --sizes 350m,1b,llama_1b --budgets 24,40,80 --seq-len 2048
+    python -m tools.bench_memory --configs plain,lora=16      # only these columns
     python -m tools.bench_memory --sizes tiny --set n_layers=1 --set vocab_size=4096 \
         --seq-len 64 --batch 4 --micro-batches 2 --logits-chunk 16 \
         --xla-option xla_cpu_use_fusion_emitters=false      # seconds: the test's size
 
-The default run compiles 72 steps (3 stages x 4 sizes x 6 configurations), two at a time
-(--jobs), and took 8 minutes on 2 CPU cores (870 s of CPU time; 12 minutes while a test suite
-shared the cores); docs/scaling.md has the tables it prints. On a GPU or TPU machine the same
+The default run compiles 84 steps (3 stages x 4 sizes x 7 configurations), two at a time
+(--jobs): the first six columns took 8 minutes on 2 CPU cores (870 s of CPU time; 12 minutes
+while a test suite shared the cores), the lora column alone (`--configs lora=16`) 156 s beside
+a test suite; docs/scaling.md has the tables it prints. On a GPU or TPU machine the same
 command reads that backend's own analysis.
 
 For every (stage, size, configuration) it builds one training step from abstract inputs
@@ -21,7 +23,9 @@ arguments: parameters, optimizer state, the batch (and DPO's reference parameter
 the new parameters and optimizer state (and metrics); aliased: the outputs that reuse donated
 argument buffers (parameters and AdamW state are donated, as in the trainers), so they are not
 counted twice; temporaries: everything the step allocates in between (activations, gradients,
-logits). Generated code is 0 on CPU.
+logits). Generated code is 0 on CPU. Every step is jitted by the trainers' `common.jit_update`
+and lowered through its `lower`, so a LoRA step is the trainers' program: the frozen base an
+argument that is neither donated nor returned, adapters, heads and AdamW state donated.
 
 Stages (each as its trainer builds it):
 
@@ -40,7 +44,13 @@ Stages (each as its trainer builds it):
 
 Configurations: plain; micro=k (`micro_batches`, gradient accumulation over k micro-batches);
 remat=dots and remat=full (`model.remat`); chunk=c (`model.logits_chunk`); all (micro=k,
-remat=full, chunk=c).
+remat=full, chunk=c); lora=r (a stage's `lora="lora(rank=r)"`: alpha 32 on q, k, v, o and the
+MLP, --lora-rank; AdamW over the trainable leaves only, `common.make_optimizer(lora=True)`).
+Under lora, DPO has no reference parameters among its arguments (the reference log-probs come
+from `model.adapters_off` of the step's own parameters, as the trainer's reference is the same
+base arrays); PPO's policy and critic both carry adapters (the critic's value head trains
+whole, as rl.py builds it), and of the resident models only the reward model counts (the
+reference is the policy's base). --configs measures only the named columns.
 
 XLA:CPU and rematerialisation. XLA:CPU removes `jax.checkpoint`'s optimization barriers before
 its common-subexpression pass, which merges the recomputation back into the forward pass, so on
@@ -106,14 +116,16 @@ DPO_LOSS = "dpo(beta=0.1)"
 PPO_VALUE_COEF, PPO_CLIP, PPO_ENTROPY_COEF = 0.1, 0.2, 0.0   # rl.default_config()'s
 
 
-def configurations(micro: int, chunk: int) -> dict:
-    """{name: (micro_batches, ModelConfig runtime overrides)}, in column order."""
+def configurations(micro: int, chunk: int, lora_rank: int = 16) -> dict:
+    """{name: (micro_batches, ModelConfig overrides)}, in column order. The lora column's
+    fields are the trainers' `lora="lora(rank=r)"` (`model.lora`: alpha 32, q, k, v, o, mlp)."""
     return {"plain": (1, {}),
             f"micro={micro}": (micro, {}),
             "remat=dots": (1, {"remat": "dots"}),
             "remat=full": (1, {"remat": "full"}),
             f"chunk={chunk}": (1, {"logits_chunk": chunk}),
-            "all": (micro, {"remat": "full", "logits_chunk": chunk})}
+            "all": (micro, {"remat": "full", "logits_chunk": chunk}),
+            f"lora={lora_rank}": (1, M.lora(rank=lora_rank))}
 
 
 # ----------------------------------------------------------------------------------------------
@@ -179,9 +191,14 @@ def _spec(shape, dtype=jnp.int32):
     return jax.ShapeDtypeStruct(shape, dtype)
 
 
-def _optimizer():
+def _optimizer(cfg):
     # The trainers' AdamW (global-norm clipping, warm-up + cosine); its state: count, mu, nu.
-    return common.make_optimizer(common.optim_config(), 1000)
+    # A LoRA model's (cfg.lora_rank > 0) steps its trainable leaves only, as in the trainers.
+    return common.make_optimizer(common.optim_config(), 1000, lora=cfg.lora_rank > 0)
+
+
+def _without_adapters(cfg):
+    return cfg.replace(lora_rank=0, lora_alpha=0.0, lora_targets=())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -192,7 +209,7 @@ def _optimizer():
 def sft_step(cfg, micro: int, batch: int, seq_len: int):
     """trainers/sft.py's update (the same loss, accumulation and guarded AdamW)."""
     graphdef, params = _abstract_model(cfg, "policy")
-    optimizer = _optimizer()
+    optimizer = _optimizer(cfg)
 
     def loss_fn(params, b, normalizer=None):
         logps, _ = common.sequence_logps(graphdef, params, b["tokens"], b["mask"],
@@ -216,17 +233,26 @@ def sft_step(cfg, micro: int, batch: int, seq_len: int):
 
     args = (params, jax.eval_shape(optimizer.init, params), jax.eval_shape(common.init_guard),
             rows(batch), _spec(()))
-    return (jax.jit(update, donate_argnums=(0, 1)), args, loss_fn,
-            (params, rows(batch // micro)), 0)
+    return common.jit_update(update), args, loss_fn, (params, rows(batch // micro)), 0
 
 
 def dpo_step(cfg, micro: int, batch: int, seq_len: int):
-    """The preference trainer's update itself (`preference._compiled`), on batch / 2 pairs."""
+    """The preference trainer's update itself (`preference._compiled`), on batch / 2 pairs.
+    With LoRA the reference is the policy's own params with the adapters off
+    (`model.adapters_off`, as the trainer passes it): no second copy among the arguments."""
     graphdef, params = _abstract_model(cfg, "policy")
-    optimizer = _optimizer()
+    optimizer = _optimizer(cfg)
     kind, loss = preference.resolve_loss(DPO_LOSS)
     update, _, _ = preference._compiled(graphdef, loss, optimizer, True, kind, micro)
     pairs = batch // 2
+    reference = (params,)
+    if cfg.lora_rank:
+        # The trainer's reference arrays are the frozen base the step already takes; as a
+        # second argument the analysis would count them twice, so the step derives them.
+        pref_update = update.__wrapped__
+        update = common.jit_update(lambda params, opt_state, guard, b, step: pref_update(
+            params, opt_state, guard, M.adapters_off(params), b, step))
+        reference = ()
 
     def pair_batch(p):
         return {"tokens": _spec((2 * p, seq_len)), "mask": _spec((2 * p, seq_len)),
@@ -241,17 +267,19 @@ def dpo_step(cfg, micro: int, batch: int, seq_len: int):
         return value
 
     args = (params, jax.eval_shape(optimizer.init, params), jax.eval_shape(common.init_guard),
-            params, pair_batch(pairs), _spec(()))
+            *reference, pair_batch(pairs), _spec(()))
     return update, args, loss_fn, (params, pair_batch(pairs // micro)), 0
 
 
 def ppo_step(cfg, micro: int, batch: int, seq_len: int):
     """One optimizer step of trainers/rl.py's update (default PPO config: gae + ppo_clip, KL in
-    the reward, critic, token-mean) on `batch` rollouts of seq_len tokens, half completion."""
+    the reward, critic, token-mean) on `batch` rollouts of seq_len tokens, half completion.
+    With LoRA both the policy and the critic carry adapters (the critic's value head trains
+    whole), as rl.py builds them."""
     graphdef, policy = _abstract_model(cfg, "policy")
     value_graphdef, value = _abstract_model(cfg, "value")
     params = {"policy": policy, "value": value}
-    optimizer = _optimizer()
+    optimizer = _optimizer(cfg)
     completion = seq_len - seq_len // 2
     p_len = seq_len - completion
 
@@ -300,10 +328,13 @@ def ppo_step(cfg, micro: int, batch: int, seq_len: int):
 
     args = (params, jax.eval_shape(optimizer.init, params), jax.eval_shape(common.init_guard),
             rollouts(batch), _spec(()))
-    # Resident through the update: the frozen reference policy and the reward model.
-    resident = _nbytes(policy) + _nbytes(_abstract_model(cfg, "reward")[1])
-    return (jax.jit(update, donate_argnums=(0, 1)), args,
-            lambda p, mb: loss_fn(p, mb)[0], (params, rollouts(batch // micro)), resident)
+    # Resident through the update: the frozen reference policy (with LoRA the policy's own
+    # base, `model.adapters_off`: no extra bytes) and the reward model (without adapters).
+    plain = _without_adapters(cfg)
+    resident = ((0 if cfg.lora_rank else _nbytes(policy))
+                + _nbytes(_abstract_model(plain, "reward")[1]))
+    return (common.jit_update(update), args, lambda p, mb: loss_fn(p, mb)[0],
+            (params, rollouts(batch // micro)), resident)
 
 
 STEPS = {"sft": sft_step, "dpo": dpo_step, "ppo": ppo_step}
@@ -312,7 +343,7 @@ STEPS = {"sft": sft_step, "dpo": dpo_step, "ppo": ppo_step}
 def lower(stage: str, cfg, micro: int, batch: int, seq_len: int):
     """(the lowered step, resident bytes beside it): the Python half of a measurement."""
     step, args, _, _, resident = STEPS[stage](cfg, micro, batch, seq_len)
-    return step.lower(*args), resident
+    return step.lower(*args), resident   # common.jit_update's lower: a LoRA base not donated
 
 
 def compile_peak(lowered, options=None) -> dict:
@@ -393,15 +424,21 @@ def _fits_lines(table, params, budgets, columns) -> list[str]:
 
 
 def run(sizes, *, budgets=(16, 80), seq_len=1024, batch=8, dtype="bfloat16", micro=4,
-        chunk=256, overrides=None, stages=STAGES, compiler_options=None, jobs=None,
-        echo=print) -> dict:
+        chunk=256, lora_rank=16, only=None, overrides=None, stages=STAGES,
+        compiler_options=None, jobs=None, echo=print) -> dict:
     """Measures every (stage, size, configuration), compiling on `jobs` threads (default: the
     CPU count, at most 4); prints the tables; returns {"cells": {stage: {size: {config:
-    measure()}}}, "params": {size: n}, "configs": [...], "wall_s": seconds}."""
+    measure()}}}, "params": {size: n}, "configs": [...], "wall_s": seconds}. only: the
+    configuration names to measure (default all)."""
     if batch % 2 or (batch // 2) % micro:
         raise SystemExit(f"--batch {batch} must be even with batch / 2 a multiple of "
                          f"--micro-batches {micro} (DPO splits batch / 2 pairs)")
-    configs = configurations(micro, chunk)
+    configs = configurations(micro, chunk, lora_rank)
+    if only:
+        unknown = [c for c in only if c not in configs]
+        if unknown:
+            raise SystemExit(f"unknown configurations {unknown}; choose from {list(configs)}")
+        configs = {c: v for c, v in configs.items() if c in only}
     base = {}
     for name in sizes:
         if name not in SIZES:
@@ -476,11 +513,12 @@ def _print_stage(stage, rows, base, params, configs, budgets, backend, seconds, 
     echo("\n".join(_format_table(f"{TITLES[stage]}: peak GiB ({seconds:.0f} s)",
                                  total, columns, _gib)))
     big = max(rows, key=lambda s: params[s])
-    p = rows[big]["plain"]
-    echo(f"  ({big}, plain: arguments {_gib(p['arguments'])} + outputs {_gib(p['outputs'])} - "
-         f"aliased {_gib(p['aliased'])} + temporaries {_gib(p['temp'])} + code "
-         f"{_gib(p['code'])}" + (f" + resident {_gib(p['resident'])}" if p["resident"] else "")
-         + " GiB)")
+    for name in [c for c in columns if c == "plain" or c.startswith("lora=")]:
+        p = rows[big][name]
+        echo(f"  ({big}, {name}: arguments {_gib(p['arguments'])} + outputs "
+             f"{_gib(p['outputs'])} - aliased {_gib(p['aliased'])} + temporaries "
+             f"{_gib(p['temp'])} + code {_gib(p['code'])}"
+             + (f" + resident {_gib(p['resident'])}" if p["resident"] else "") + " GiB)")
     echo("\n".join(_fits_lines(total, params, budgets, columns)))
     saved = {s: {c: cell["saved"] for c, cell in row.items()} for s, row in rows.items()}
     echo("\n".join(_format_table(
@@ -507,6 +545,11 @@ def main(argv=None):
                         help="compute dtype (parameters stay float32)")
     parser.add_argument("--micro-batches", type=int, default=4)
     parser.add_argument("--logits-chunk", type=int, default=256)
+    parser.add_argument("--lora-rank", type=int, default=16,
+                        help="rank of the lora=r configuration (alpha 32; q, k, v, o, mlp)")
+    parser.add_argument("--configs", default="",
+                        help="comma-separated configuration names to measure, e.g. "
+                             "plain,lora=16; '' = all")
     parser.add_argument("--stages", default=",".join(STAGES))
     parser.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
                         help="override a ModelConfig field of every size (repeatable), e.g. "
@@ -535,7 +578,8 @@ def main(argv=None):
     return run([s for s in args.sizes.split(",") if s],
                budgets=[float(b) for b in args.budgets.split(",") if b], seq_len=args.seq_len,
                batch=args.batch, dtype=args.dtype, micro=args.micro_batches,
-               chunk=args.logits_chunk, overrides=overrides, stages=stages,
+               chunk=args.logits_chunk, lora_rank=args.lora_rank,
+               only=[c for c in args.configs.split(",") if c], overrides=overrides, stages=stages,
                compiler_options=options, jobs=args.jobs)
 
 

@@ -203,7 +203,10 @@ def jit_update(fn):
     without donation (only adapters, heads and optimizer state are donated and returned), so
     the base arrays outlive every step: the reference (`model.adapters_off`) and the policy hold
     one copy of them. Either way the jitted step takes and returns (trainable parameters,
-    optimizer state) first; the leaves stay nnx.Variables, with their logical axes."""
+    optimizer state) first; the leaves stay nnx.Variables, with their logical axes.
+
+    The step's `lower(params, opt_state, *rest)` lowers the program a call with these
+    (abstract) arguments runs, and its `__wrapped__` is `fn` (tools/bench_memory.py reads both)."""
     plain = jax.jit(fn, donate_argnums=(0, 1))
 
     @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(3,))
@@ -212,15 +215,26 @@ def jit_update(fn):
         params, opt_state, *more = fn(params, opt_state, *rest)
         return (_split(layout, params)[0], opt_state, *more)
 
+    def arguments(params):
+        paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+        layout = (treedef, tuple(model.is_trainable(p) for p, _ in paths))
+        return layout, *_split(layout, params)
+
+    @functools.wraps(fn)
     def step(params, opt_state, *rest):
         if not model.has_adapters(params):
             return plain(params, opt_state, *rest)
-        paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
-        layout = (treedef, tuple(model.is_trainable(p) for p, _ in paths))
-        train, frozen = _split(layout, params)
+        layout, train, frozen = arguments(params)
         train, opt_state, *more = update(train, opt_state, frozen, layout, *rest)
         return (_join(layout, train, frozen), opt_state, *more)
 
+    def lower(params, opt_state, *rest):
+        if not model.has_adapters(params):
+            return plain.lower(params, opt_state, *rest)
+        layout, train, frozen = arguments(params)
+        return update.lower(train, opt_state, frozen, layout, *rest)
+
+    step.lower = lower
     return step
 
 
