@@ -220,6 +220,10 @@ class ModelConfig:
                     "(use 'up', 'down' or 'mlp')"]
         return [] if self.lora_alpha > 0 else [f"lora_alpha={self.lora_alpha} must be > 0"]
 
+    def without_adapters(self) -> "ModelConfig":
+        """This config with no LoRA adapters (the base model, or a merged one)."""
+        return self.replace(lora_rank=0, lora_alpha=0.0, lora_targets=())
+
     @property
     def lora_projections(self) -> frozenset:
         """The projections with adapters ("q", "k", "v", "o", "gate", "up", "down"; those the
@@ -290,8 +294,9 @@ def _param(rngs: nnx.Rngs, shape, axes, *, std: float, dtype) -> nnx.Param:
 
 
 def init_adapter(name: str, key, shape, dtype):
-    """A LoRA factor as PEFT initialises them: lora_a [*in, r] ~ N(0, 1/fan_in), lora_b
-    [r, *out] = 0 (so the adapted model starts as the base model)."""
+    """A LoRA factor: lora_a [*in, r] ~ N(0, 1/fan_in) (PEFT's default draws a uniform of
+    about that scale, std 1/sqrt(3 fan_in)), lora_b [r, *out] = 0 (so the adapted model
+    starts as the base model)."""
     if name == "lora_b":
         return jnp.zeros(shape, dtype)
     return jax.random.normal(key, shape, dtype) / math.sqrt(math.prod(shape[:-1]))
@@ -946,6 +951,33 @@ def has_adapters(tree) -> bool:
                for path, _ in jax.tree_util.tree_leaves_with_path(tree))
 
 
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def split_trainable(params):
+    """(layout, trainable leaves, frozen leaves) of a LoRA model's params (`is_trainable`), the
+    leaves in tree order and nnx.Variables kept whole (with their logical axes);
+    `join_trainable(layout, ...)` rebuilds the tree. `layout` is hashable (a jit static)."""
+    paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
+    layout = (treedef, tuple(is_trainable(p) for p, _ in paths))
+    return (layout, *split_by_layout(layout, params))
+
+
+def split_by_layout(layout, tree):
+    """(trainable, frozen) leaves of a tree shaped like the params `layout` came from."""
+    leaves = jax.tree.leaves(tree, is_leaf=_is_variable)
+    return ([x for x, t in zip(leaves, layout[1]) if t],
+            [x for x, t in zip(leaves, layout[1]) if not t])
+
+
+def join_trainable(layout, train, frozen):
+    """The tree `split_trainable` took apart."""
+    train, frozen = iter(train), iter(frozen)
+    return jax.tree.unflatten(layout[0], [next(train) if t else next(frozen)
+                                          for t in layout[1]])
+
+
 def freeze_base(params):
     """The params with the base weights of a LoRA model behind stop_gradient, so that a
     gradient reaches only the adapters and heads (`is_trainable`) and no weight gradient of the
@@ -1012,7 +1044,7 @@ def merge_adapters(params, cfg: ModelConfig):
                                        ).astype(kernel.dtype)}
         return {k: merge(v) for k, v in node.items()}
 
-    plain = cfg.replace(lora_rank=0, lora_alpha=0.0, lora_targets=())
+    plain = cfg.without_adapters()
     return merge(nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params), plain
 
 

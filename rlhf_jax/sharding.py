@@ -208,7 +208,10 @@ def activate(mesh: Mesh, rules: Mapping[str, Any] | None = None):
     `mesh` by logical names (a no-op on one device, or outside any block).
 
     The mesh also becomes JAX's abstract mesh, which is part of jit's trace context, so a
-    function traced under one mesh is traced again under another (never a stale layout).
+    function traced under one mesh is traced again under another (never a stale layout). The
+    rules are read when a function is traced and are not part of that context: in one
+    process, stages on meshes of the same shape are expected to use the same rules (another
+    stage's would only change layouts, not numbers).
     """
     token = _ACTIVE.set((mesh, DEFAULT_RULES if rules is None else dict(rules)))
     try:

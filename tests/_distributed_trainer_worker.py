@@ -32,15 +32,16 @@ _spec = importlib.util.spec_from_file_location("_trainers_mesh_worker",
 mesh_worker = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(mesh_worker)  # its stage configs; importing it touches no JAX state
 
-STAGES = ("sft", "rm", "dpo", "ppo")
+STAGES = ("sft", "rm", "dpo_lora", "ppo")
 # (data, fsdp, tensor) over both processes' 8 devices, which make_mesh orders process by
 # process: with fsdp=8 (SFT) each process holds half of every split parameter and writes its
 # half of the checkpoint; with (2, 4, 1) each holds all of them and the processes are
-# data-parallel replicas (the reward model; DPO with its frozen reference, read from the
-# SFT checkpoint onto another mesh; PPO with its critic). FSDP over the processes costs more
+# data-parallel replicas (the reward model; DPO with LoRA adapters on the SFT checkpoint,
+# read onto another mesh, whose reference is the same weights with the adapters off; PPO with
+# its critic). FSDP over the processes costs more
 # (SFT 9 s of CPU per process against 6 s on (2, 4, 1), DPO 7.5 s against 3.7 s), so one
 # stage runs it.
-MESHES = {"sft": (1, 8, 1), "rm": (2, 4, 1), "dpo": (2, 4, 1), "ppo": (2, 4, 1)}
+MESHES = {"sft": (1, 8, 1), "rm": (2, 4, 1), "dpo_lora": (2, 4, 1), "ppo": (2, 4, 1)}
 DEVICES_PER_PROCESS = 4
 
 LAST_UPDATE = {}            # "last": the parameters the latest update step returned
@@ -102,7 +103,7 @@ def main(out: Path, data_dir: Path, run: str):
         # The held-out evaluations too, which read batch-split samples and scores back to
         # the host: DPO's on one batch, PPO's at the start and the end on 32 prompts (the
         # rollouts' row count, so they reuse the compiled sampler).
-        if name == "dpo":
+        if name == "dpo_lora":
             config.eval_batches = 1
         elif name == "ppo":
             config.data.n_test = 32

@@ -3,15 +3,11 @@
     python tests/_sharding_worker.py meshes
         8 simulated CPU devices; for each mesh the forward logits, the loss and the params after
         one AdamW step must match the single-device run. Prints "OK <mesh>" lines.
-    python tests/_sharding_worker.py multiprocess PORT PROCESS_ID OUT_JSON
-        one of two local processes with 4 CPU devices each; one data-parallel step on the
-        global 8-device mesh; process 0 writes {"loss": ...} to OUT_JSON.
 
 The helpers (config, batch, step) are imported by the test to compute the single-process
 reference, so importing this file must not touch JAX's configuration.
 """
 
-import json
 import os
 import sys
 
@@ -109,30 +105,12 @@ def main_meshes():
         print("OK", shape, flush=True)
 
 
-def main_multiprocess(port, process_id, out_path):
-    import jax
-    jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    from rlhf_jax import sharding
-
-    sharding.initialize_distributed({"coordinator_address": f"127.0.0.1:{port}",
-                                     "num_processes": 2, "process_id": process_id,
-                                     "initialization_timeout": 120})
-    assert jax.process_count() == 2 and jax.device_count() == 8, jax.devices()
-    out = run(sharding.make_mesh((-1, 1, 1)))
-    if process_id == 0:
-        with open(out_path, "w") as f:
-            json.dump({"loss": out["loss"]}, f)
-    jax.distributed.shutdown()
-
-
 if __name__ == "__main__":
     mode = sys.argv[1]
-    n = 8 if mode == "meshes" else 4
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
-                               + f" --xla_force_host_platform_device_count={n}")
+                               + " --xla_force_host_platform_device_count=8")
     os.environ["JAX_PLATFORMS"] = "cpu"
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if mode == "meshes":
-        main_meshes()
-    else:
-        main_multiprocess(int(sys.argv[2]), int(sys.argv[3]), sys.argv[4])
+    if mode != "meshes":
+        sys.exit(f"unknown mode {mode!r}; the worker runs 'meshes'")
+    main_meshes()

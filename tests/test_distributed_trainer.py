@@ -6,8 +6,8 @@ JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID as a user's launch 
 (cross-process collectives over Gloo, JAX's default on CPU), and run the stage chain of
 tests/_trainers_mesh_worker.py (d_model 32, one layer, 2-4 steps) in one shared workdir on
 meshes over their 8 devices: SFT on (data, fsdp, tensor) = (1, 8, 1) (FSDP across the
-processes), then the reward model, DPO (a frozen reference read from the SFT checkpoint the two
-processes wrote) and PPO (a critic, the reward model, sampling) on (2, 4, 1), with DPO's and
+processes), then the reward model, DPO with LoRA adapters (on the SFT checkpoint the two
+processes wrote; the reference is that base with the adapters off) and PPO (a critic, the reward model, sampling) on (2, 4, 1), with DPO's and
 PPO's held-out evaluations. A third process runs the same chain on one device. Checked per
 stage:
   - the logged metrics of every step and the parameters the last update step returned equal

@@ -372,3 +372,24 @@ def test_lora_with_micro_batches_and_float32_state_ends_where_plain_lora_does(ba
     trained = max(float(np.max(np.abs(x))) for path, x in
                   jax.tree_util.tree_leaves_with_path(a) if "lora_b" in jax.tree_util.keystr(path))
     assert trained > 1e-4, trained          # B starts at zero: the adapters did train
+
+
+def test_a_bfloat16_lora_stage_loads_and_hands_on_in_bfloat16(base):
+    """LoRA with bf16 parameters (model.param_dtype) on a float32 SFT stage: the stage loads
+    merged in bf16, as its config says (its base read in the dtype it trained on), and a stage
+    started from it trains and loads back."""
+    lora_stage = preference.train(_cfg(
+        dpo_exp, base, stage="dpo_lora_bf16", steps=2, save_every=2, eval_batches=0,
+        lora=SPEC, init_from=base / "sft", **{"gen.n_prompts": 0,
+                                              "model.param_dtype": "bfloat16",
+                                              "optim.state_dtype": "float32"}),
+        base / "dpo_lora_bf16")
+    _, params, cfg, _, _ = common.load_stage(lora_stage)
+    assert cfg.param_dtype == "bfloat16" and cfg.lora_rank == 0
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}
+    after = preference.train(_cfg(dpo_exp, base, stage="dpo_after_bf16", steps=1, save_every=1,
+                                  eval_batches=0, init_from=lora_stage,
+                                  **{"gen.n_prompts": 0}), base / "dpo_after_bf16")
+    _, params, cfg, _, _ = common.load_stage(after)
+    assert cfg.param_dtype == "bfloat16"
+    assert {str(x.dtype) for x in jax.tree.leaves(params)} == {"bfloat16"}

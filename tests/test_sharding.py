@@ -2,12 +2,11 @@
 
 The multi-device checks run tests/_sharding_worker.py in subprocesses, because XLA_FLAGS
 (--xla_force_host_platform_device_count) must be set before JAX starts and this pytest process
-already has JAX initialised with one CPU device.
+already has JAX initialised with one CPU device. Whole trainers on meshes and as two
+jax.distributed processes: tests/test_trainers_mesh.py, tests/test_distributed_trainer.py.
 """
 
-import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -135,33 +134,3 @@ def test_sharded_meshes_match_single_device():
     assert proc.stdout.count("OK") == 4, proc.stdout
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def test_two_process_data_parallel_step_matches_single_process(tmp_path):
-    import importlib.util
-    spec = importlib.util.spec_from_file_location("_sharding_worker", WORKER)
-    worker = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(worker)
-
-    out = tmp_path / "loss.json"
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, str(WORKER), "multiprocess", str(port), str(i),
-                               str(out)], env=_env(), cwd=ROOT, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    try:
-        for p in procs:
-            logs.append(p.communicate(timeout=360)[0])
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    assert all(p.returncode == 0 for p in procs), "\n----\n".join(s[-3000:] for s in logs)
-    multi = json.loads(out.read_text())
-    # Single-process reference in this process (1 device).
-    ref = worker.run(sharding.make_mesh((1, 1, 1)))
-    np.testing.assert_allclose(multi["loss"], ref["loss"], rtol=1e-5)

@@ -197,8 +197,6 @@ def _optimizer(cfg):
     return common.make_optimizer(common.optim_config(), 1000, lora=cfg.lora_rank > 0)
 
 
-def _without_adapters(cfg):
-    return cfg.replace(lora_rank=0, lora_alpha=0.0, lora_targets=())
 
 
 # ----------------------------------------------------------------------------------------------
@@ -330,7 +328,7 @@ def ppo_step(cfg, micro: int, batch: int, seq_len: int):
             rollouts(batch), _spec(()))
     # Resident through the update: the frozen reference policy (with LoRA the policy's own
     # base, `model.adapters_off`: no extra bytes) and the reward model (without adapters).
-    plain = _without_adapters(cfg)
+    plain = cfg.without_adapters()
     resident = ((0 if cfg.lora_rank else _nbytes(policy))
                 + _nbytes(_abstract_model(plain, "reward")[1]))
     return (common.jit_update(update), args, lambda p, mb: loss_fn(p, mb)[0],

@@ -22,6 +22,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from rlhf_jax import model
+
 
 def split(batch: dict, k: int, rows: int) -> dict:
     """The batch as k micro-batches: every array gains a leading axis of size k.
@@ -48,6 +50,15 @@ def grads(share_fn, params, micro: dict, *args):
     axis k (`split`). Returns ((loss, metrics), grads) like `jax.value_and_grad(...,
     has_aux=True)` on the whole batch.
     """
+    if model.has_adapters(params):
+        # LoRA: the frozen base has no gradient to accumulate; differentiate and carry only
+        # the trainable leaves (no base-sized buffer in the scan), zeros for the rest.
+        layout, train, frozen = model.split_trainable(params)
+        (loss, metrics), g = grads(
+            lambda t, mb, *a: share_fn(model.join_trainable(layout, t, frozen), mb, *a),
+            train, micro, *args)
+        zeros = [jax.tree.map(jnp.zeros_like, x) for x in frozen]
+        return (loss, metrics), model.join_trainable(layout, g, zeros)
     vg = jax.value_and_grad(share_fn, has_aux=True)
 
     def body(carry, mb):

@@ -99,16 +99,11 @@ def float32_state(inner: optax.GradientTransformation) -> optax.GradientTransfor
     return optax.GradientTransformation(init, update)
 
 
-def _is_variable(x) -> bool:
-    return isinstance(x, nnx.Variable)
-
-
 def _pick(tree) -> list:
     """The trainable leaves of `tree`, in order. An nnx.Variable stays one, with its logical
     axes, so the moments made from it carry them too and keep the parameter's layout on a mesh
     (`sharding.constrain_state`)."""
-    return [x for path, x in jax.tree_util.tree_leaves_with_path(tree, is_leaf=_is_variable)
-            if model.is_trainable(path)]
+    return model.split_trainable(tree)[1]
 
 
 def _raw(x):
@@ -211,43 +206,26 @@ def jit_update(fn):
 
     @functools.partial(jax.jit, donate_argnums=(0, 1), static_argnums=(3,))
     def update(train, opt_state, frozen, layout, *rest):
-        params = _join(layout, train, frozen)
+        params = model.join_trainable(layout, train, frozen)
         params, opt_state, *more = fn(params, opt_state, *rest)
-        return (_split(layout, params)[0], opt_state, *more)
-
-    def arguments(params):
-        paths, treedef = jax.tree_util.tree_flatten_with_path(params, is_leaf=_is_variable)
-        layout = (treedef, tuple(model.is_trainable(p) for p, _ in paths))
-        return layout, *_split(layout, params)
+        return (model.split_by_layout(layout, params)[0], opt_state, *more)
 
     @functools.wraps(fn)
     def step(params, opt_state, *rest):
         if not model.has_adapters(params):
             return plain(params, opt_state, *rest)
-        layout, train, frozen = arguments(params)
+        layout, train, frozen = model.split_trainable(params)
         train, opt_state, *more = update(train, opt_state, frozen, layout, *rest)
-        return (_join(layout, train, frozen), opt_state, *more)
+        return (model.join_trainable(layout, train, frozen), opt_state, *more)
 
     def lower(params, opt_state, *rest):
         if not model.has_adapters(params):
             return plain.lower(params, opt_state, *rest)
-        layout, train, frozen = arguments(params)
+        layout, train, frozen = model.split_trainable(params)
         return update.lower(train, opt_state, frozen, layout, *rest)
 
     step.lower = lower
     return step
-
-
-def _split(layout, tree):
-    leaves = jax.tree.leaves(tree, is_leaf=_is_variable)
-    return ([x for x, t in zip(leaves, layout[1]) if t],
-            [x for x, t in zip(leaves, layout[1]) if not t])
-
-
-def _join(layout, train, frozen):
-    train, frozen = iter(train), iter(frozen)
-    return jax.tree.unflatten(layout[0], [next(train) if t else next(frozen)
-                                          for t in layout[1]])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -619,9 +597,10 @@ def runtime(config) -> dict:
     how to compute, which a stage chooses whatever checkpoint it loads."""
     group = config.get("model", None) or {}
     out = {k: group[k] for k in model.RUNTIME_FIELDS if k in group}
-    if group.get("param_dtype") and "vocab_size" not in group:
-        # A loading stage's storage dtype (fields.RUNTIME_MODEL); '' keeps the checkpoint's.
-        # SFT's model group is the architecture itself, param_dtype included.
+    if group.get("param_dtype"):
+        # The dtype the stage stores the parameters it loads in (fields.RUNTIME_MODEL; ''
+        # keeps the checkpoint's). SFT's is its architecture field, so SFT with init_from
+        # stores what it loads in model.param_dtype too.
         out["param_dtype"] = group["param_dtype"]
     return out
 
@@ -708,9 +687,11 @@ def _merge_lora_stage(stage_dir, meta, adapted, cfg, *, kind, mesh, rules, seed,
     Returns (graphdef, params, cfg) of the model without adapters."""
     base = meta["lora_base"]
     require(base is not None, f"{key}={str(stage_dir)!r}: a LoRA stage without a base")
+    # The base as this stage trained on it: in the stage's own param_dtype.
     graphdef, params, _, _, base_meta = load_stage(
         base["path"], kind=kind, mesh=mesh, rules=rules, seed=seed, new_head=True,
-        key=f"{key} (LoRA base of {stage_dir})", runtime=runtime)
+        key=f"{key} (LoRA base of {stage_dir})",
+        runtime={**(runtime or {}), "param_dtype": cfg.param_dtype})
     if not _same_source(base, base_meta["source"]):
         raise CheckpointError(
             f"{key}={str(stage_dir)!r} holds LoRA adapters of {_describe_source(base)}, but that "
@@ -719,6 +700,8 @@ def _merge_lora_stage(stage_dir, meta, adapted, cfg, *, kind, mesh, rules, seed,
 
     full = _with_adapters(nnx.to_pure_dict(params), adapted)
     merged, plain = model.merge_adapters(full, cfg)
+    graphdef = init_model(plain, kind=kind, mesh=mesh, rules=rules, seed=seed,
+                          abstract_only=True)[0]
     new = jax.tree.map(lambda x: x, params)
     nnx.replace_by_pure_dict(new, merged)
     # Merged kernels keep the layout of the base kernels they replace.

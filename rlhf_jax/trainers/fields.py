@@ -5,7 +5,8 @@ Each trainer builds its `SCHEMA` (see rlhf_jax/schema.py) from these beside its
 stage gives it a default.
 """
 
-from rlhf_jax.model import _DTYPES, ACTIVATIONS, ATTENTIONS, NORMS, POSITIONS, REMAT_POLICIES
+from rlhf_jax.model import (_DTYPES, ACTIVATIONS, ATTENTIONS, NORMS, POSITIONS, REMAT_POLICIES,
+                            RUNTIME_DEFAULTS)
 from rlhf_jax.schema import Bool, Choice, Dict, Field, Float, Int, Spec, Str, Tuple
 
 # Choices the trainers branch on, named once here and read by trainers/common.py.
@@ -82,8 +83,7 @@ RUNTIME_MODEL = {**{k: MODEL[k] for k in ("remat", "logits_chunk", "attention")}
                  "param_dtype": Choice("", *_DTYPES, doc="store the loaded parameters in this "
                                                          "dtype; '' keeps the checkpoint's")}
 # Their defaults: the path a stage computed before the options existed.
-RUNTIME_MODEL_DEFAULTS = {"remat": "none", "logits_chunk": 0, "attention": "einsum",
-                          "param_dtype": ""}
+RUNTIME_MODEL_DEFAULTS = {**RUNTIME_DEFAULTS, "param_dtype": ""}
 
 
 def data(**extra) -> dict:

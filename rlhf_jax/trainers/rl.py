@@ -309,6 +309,9 @@ def train(config, workdir) -> Path:
         graphdef, policy_params, model_cfg = common.add_adapters(
             graphdef, ref_params, model_cfg, config, kind="policy", mesh=mesh, rules=rules,
             seed=config.seed)
+        # Until the state is final (after a resumption, below), the reference under the new
+        # graphdef is this policy with its adapters off.
+        ref_params = model.adapters_off(policy_params)
     else:
         policy_params = jax.tree.map(jnp.copy, ref_params)
     adv_fn = registry.get("advantage", config.advantage)
@@ -340,8 +343,7 @@ def train(config, workdir) -> Path:
                 sft_dir, kind="value", mesh=mesh, rules=rules, seed=config.seed,
                 new_head=True, runtime=runtime)[:2]
         # With lora the critic gets adapters too; its value head trains whole.
-        critic_cfg = reward[2] if reward is not None else model_cfg.replace(
-            lora_rank=0, lora_alpha=0.0, lora_targets=())
+        critic_cfg = reward[2] if reward is not None else model_cfg.without_adapters()
         value_graphdef, value_params, _ = common.add_adapters(
             value_graphdef, value_params, critic_cfg, config, kind="value", mesh=mesh,
             rules=rules, seed=config.seed)
