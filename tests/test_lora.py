@@ -15,6 +15,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from _stages import crash_after_the_first_step, tiny_sft_stage
 from experiments import dpo as dpo_exp
 from experiments import ppo as ppo_exp
 from experiments import reward as rm_exp
@@ -171,9 +172,7 @@ def test_lora_on_a_projection_the_model_lacks_or_without_a_base_is_one_line():
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """A workdir with a tiny SFT stage: the frozen base of every LoRA stage here."""
-    root = tmp_path_factory.mktemp("lora")
-    sft.train(_cfg(sft_exp, root, steps=4, save_every=4, eval_batches=0), root)
-    return root
+    return tiny_sft_stage(tmp_path_factory.mktemp("lora"))
 
 
 def _cfg(exp, root, **overrides):
@@ -262,35 +261,12 @@ def test_sft_trains_and_checkpoints_only_adapters_and_hands_on_merged_weights(ba
     _check_lora_stage(stage, base / "sft")
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashingBar:
-    """A progress bar that raises after the first step (which is checkpointed)."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def update(self, n):
-        raise Crash
-
-    def set_postfix(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
 def test_an_interrupted_lora_stage_resumes_bitwise(base, sft_lora, monkeypatch):
     config, straight = sft_lora
     config = ml_collections.ConfigDict(config.to_dict())
     config.save_every = 1
     workdir = base / "sft_lora_resumed"
-    with monkeypatch.context() as m:
-        m.setattr(sft.metrics_lib, "progress", CrashingBar)
-        with pytest.raises(Crash):
-            sft.train(config, workdir)
+    crash_after_the_first_step(sft.train, config, workdir, monkeypatch)
     assert complete_steps(workdir / "sft") == [1]
     resumed = sft.train(config, workdir)
     (_, a), (_, b) = _adapters(straight), _adapters(resumed)

@@ -11,6 +11,7 @@ import jax
 import numpy as np
 import pytest
 
+from _stages import tiny_sft_stage
 from experiments import dpo as dpo_exp
 from experiments import grpo as grpo_exp
 from experiments import ppo as ppo_exp
@@ -24,12 +25,7 @@ from rlhf_jax.trainers import accumulate, common, preference, reward, rl, sft
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A tiny SFT stage (the other stages' init_from) and the shared data."""
-    root = tmp_path_factory.mktemp("micro")
-    config = sft_exp.get_config("smoke")
-    config.data.data_dir = str(root / "data")
-    config.steps, config.save_every, config.eval_batches = 4, 4, 0
-    sft.train(config, root)
-    return root
+    return tiny_sft_stage(tmp_path_factory.mktemp("micro"))
 
 
 def _load(get_config, workdir, **overrides):

@@ -21,6 +21,7 @@ import pytest
 import tensorflow_datasets as tfds
 
 from _pairs import weighted_mean
+from _stages import crash_after_the_first_step, tiny_sft_stage
 from experiments import dpo as dpo_exp
 from experiments import sft as sft_exp
 from rlhf_jax import experiment, losses, model, registry
@@ -35,13 +36,7 @@ from rlhf_jax.trainers import common, preference, sft
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
     """A workdir holding a tiny SFT stage (the DPO stages' init_from) and the shared data."""
-    root = tmp_path_factory.mktemp("pref")
-    config = sft_exp.get_config("smoke")
-    config.data.data_dir = str(root / "data")
-    # A few steps are enough: the tests need a policy, not a good one.
-    config.steps, config.save_every, config.eval_batches = 4, 4, 0
-    sft.train(config, root)
-    return root
+    return tiny_sft_stage(tmp_path_factory.mktemp("pref"))
 
 
 def _config(workdir, **changes):
@@ -124,34 +119,6 @@ def test_every_registered_loss_runs_and_skips_the_reference_when_it_is_not_neede
         assert not needs_ref  # reference-free by definition
 
 
-class Crash(Exception):
-    pass
-
-
-class CrashingBar:
-    """Stands in for the progress bar; 'crashes' right after the step-1 checkpoint."""
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def update(self, n):
-        raise Crash
-
-    def set_postfix(self, *args, **kwargs):
-        pass
-
-    def close(self):
-        pass
-
-
-def _crash_after_the_first_step(config, workdir, monkeypatch):
-    """Runs the stage until it 'crashes' right after its first step (and checkpoint)."""
-    with monkeypatch.context() as m:
-        m.setattr(preference.metrics_lib, "progress", CrashingBar)
-        with pytest.raises(Crash):
-            preference.train(config, workdir)
-
-
 def _same_params(stage_a, stage_b):
     """Both stages ended at the same step and data position with bitwise equal parameters."""
     _, a, _, _, meta_a = common.load_stage(stage_a)
@@ -167,7 +134,8 @@ def test_interrupted_run_resumes_to_the_same_params_and_one_step_raises_the_marg
     config, stage = straight
     changes = dict(stage="dpo_resumed", save_every=1, eval_batches=0, **{"gen.n_prompts": 0})
 
-    _crash_after_the_first_step(_config(workdir, **changes), workdir, monkeypatch)
+    crash_after_the_first_step(preference.train, _config(workdir, **changes), workdir,
+                               monkeypatch)
     assert complete_steps(workdir / "dpo_resumed") == [1]
 
     # One DPO step (no warm-up) raised the mean summed log-prob margin of chosen over rejected
@@ -351,7 +319,8 @@ def test_an_interrupted_kto_run_resumes_to_the_same_params(workdir, kto_run, mon
     _, stage = kto_run
     changes = dict(KTO, stage="kto_resumed", save_every=1, eval_batches=0,
                    **{"gen.n_prompts": 0})
-    _crash_after_the_first_step(_config(workdir, **changes), workdir, monkeypatch)
+    crash_after_the_first_step(preference.train, _config(workdir, **changes), workdir,
+                               monkeypatch)
     assert complete_steps(workdir / "kto_resumed") == [1]
     _same_params(stage, preference.train(_config(workdir, **changes), workdir))
 
